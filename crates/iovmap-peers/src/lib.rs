@@ -1,0 +1,86 @@
+//! The peers iovmap is measured against, on the same scatter lists:
+//!
+//! - [`naive_map`]: the one-clone-per-iovec loop VMMs ship today (C, in `c/naive.c`);
+//! - [`fd_arena`]: one `mmap(MAP_SHARED | MAP_FIXED)` of the fd per iovec into a
+//!   reservation, the way crosvm's `MemoryMappingArena` places pieces;
+//! - [`bounce_copy`]: a memcpy of every iovec into one buffer, what a VMM does when it
+//!   does not remap at all. Tests also use it as the reference for a view's bytes.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use iovmap_testkit::Mapping;
+
+unsafe extern "C" {
+    fn iovmap_naive_map(iov: *const libc::iovec, n: usize, out: *mut *mut libc::c_void, out_len: *mut usize) -> i32;
+}
+
+/// The naive loop: reserve, then one mremap clone per iovec. The result unmaps on drop.
+pub fn naive_map(iovs: &[libc::iovec]) -> io::Result<Mapping> {
+    let mut out = std::ptr::null_mut();
+    let mut len = 0;
+    // SAFETY: `iovs` is a valid slice; the C code reads it and writes only `out`/`len`.
+    // It maps only into the reservation it creates.
+    let r = unsafe { iovmap_naive_map(iovs.as_ptr(), iovs.len(), &mut out, &mut len) };
+    if r < 0 {
+        return Err(io::Error::from_raw_os_error(-r));
+    }
+    // SAFETY: the C code returned a mapping of `len` bytes that nothing else owns.
+    Ok(unsafe { Mapping::from_raw(out.cast(), len) })
+}
+
+/// The fd arena: reserve, then `mmap(MAP_SHARED | MAP_FIXED)` of `fd` for each piece,
+/// given as `(file offset, length)` with page-aligned offsets.
+pub fn fd_arena(fd: BorrowedFd<'_>, pieces: &[(u64, usize)]) -> io::Result<Mapping> {
+    let page = iovmap_testkit::page();
+    let total: usize = pieces.iter().map(|p| p.1.next_multiple_of(page)).sum();
+    let arena =
+        Mapping::new(total, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, None, 0)?;
+    let mut cursor = arena.ptr();
+    for &(offset, len) in pieces {
+        // SAFETY: `cursor` lies in the arena reserved above, which this function owns;
+        // MAP_FIXED replaces only its PROT_NONE pages. On error the arena is dropped.
+        let p = unsafe {
+            libc::mmap(
+                cursor.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        cursor = cursor.wrapping_add(len.next_multiple_of(page));
+    }
+    Ok(arena)
+}
+
+/// Copies every iovec, in order, into `dst` (which must hold their total length).
+/// Returns the bytes copied.
+///
+/// # Safety
+/// Every iovec must describe readable memory that is not written meanwhile.
+pub unsafe fn bounce_copy(iovs: &[libc::iovec], dst: &mut [u8]) -> usize {
+    let mut at = 0;
+    for iov in iovs {
+        assert!(at + iov.iov_len <= dst.len(), "bounce buffer too small");
+        // SAFETY: the source is readable (caller's contract); `dst` has room (asserted).
+        unsafe { std::ptr::copy_nonoverlapping(iov.iov_base as *const u8, dst.as_mut_ptr().add(at), iov.iov_len) };
+        at += iov.iov_len;
+    }
+    at
+}
+
+/// The bytes of `iovs`, concatenated: the reference a view must equal.
+///
+/// # Safety
+/// As [`bounce_copy`].
+pub unsafe fn gather(iovs: &[libc::iovec]) -> Vec<u8> {
+    let mut v = vec![0u8; iovs.iter().map(|i| i.iov_len).sum()];
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { bounce_copy(iovs, &mut v) };
+    v
+}

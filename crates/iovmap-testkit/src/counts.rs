@@ -1,0 +1,68 @@
+//! Process-wide counters for leak tests, and the lock that keeps such tests apart.
+
+use std::sync::{Mutex, MutexGuard};
+
+/// VMAs of this process (lines of /proc/self/maps).
+pub fn count_vmas() -> usize {
+    std::fs::read("/proc/self/maps").expect("read /proc/self/maps").iter().filter(|&&b| b == b'\n').count()
+}
+
+/// Open fds of this process (entries of /proc/self/fd, minus the one listing it).
+pub fn count_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("read /proc/self/fd").count().saturating_sub(1)
+}
+
+/// The VmFlags line of /proc/self/smaps for the mapping containing `addr`.
+pub fn vma_flags(addr: *const u8) -> Option<String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let a = addr as usize;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((s, e)) = range.split_once('-') {
+                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) {
+                    inside = s <= a && a < e;
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                return Some(flags.trim().to_string());
+            }
+        }
+    }
+    None
+}
+
+/// The process's VMA and fd counts at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counts {
+    /// VMAs.
+    pub vmas: usize,
+    /// Open fds.
+    pub fds: usize,
+}
+
+impl Counts {
+    /// Counts now.
+    pub fn now() -> Self {
+        Counts { vmas: count_vmas(), fds: count_fds() }
+    }
+
+    /// Panics (with `what`) unless the counts are what they were.
+    #[track_caller]
+    pub fn assert_unchanged(&self, what: &str) {
+        let now = Counts::now();
+        assert_eq!(*self, now, "{what}: VMA/fd counts changed (before {self:?}, after {now:?})");
+    }
+}
+
+static PROCESS: Mutex<()> = Mutex::new(());
+
+/// Serialises tests that count process-wide VMAs or fds within one test binary: every
+/// test in such a binary takes it, so no test maps or opens anything beside another's
+/// count.
+pub fn process_lock() -> MutexGuard<'static, ()> {
+    PROCESS.lock().unwrap_or_else(|e| e.into_inner())
+}

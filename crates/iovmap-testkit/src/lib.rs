@@ -1,0 +1,298 @@
+//! Real kernel objects for iovmap's tests, benchmarks, demo and fuzzers.
+//!
+//! Every fixture is the real thing, not a model: memfd and hugetlb guest RAM, shared and
+//! private anonymous memory, a private file mapping, a perf_event ring buffer (VmFlags
+//! `pf io de`: the VM_PFNMAP stand-in for a vfio-pci BAR), a BPF_F_MMAPABLE array
+//! (VM_DONTEXPAND, mappable at any page offset), an io_uring SQ ring (refuses MAP_FIXED).
+//! A fixture this machine cannot provide returns [`Unavailable`] with the reason, which
+//! tests print when they skip (see [`skip!`]).
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+mod counts;
+mod kernel_objects;
+
+pub use counts::{Counts, count_fds, count_vmas, process_lock, vma_flags};
+pub use kernel_objects::{BpfArray, IoUringSq, PerfRing};
+
+/// The base page size.
+pub fn page() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+/// 2 MiB, the huge page size of the hugetlb fixtures.
+pub const HUGE_2M: usize = 2 << 20;
+
+/// Why a fixture cannot be had on this machine.
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+/// Prints why a test is skipped (visible in `cargo test` output) and returns from it.
+#[macro_export]
+macro_rules! skip {
+    ($($arg:tt)*) => {{
+        eprintln!("SKIP {}: {}", module_path!(), format_args!($($arg)*));
+        return;
+    }};
+}
+
+/// An address nothing is mapped at: page 1, below `vm.mmap_min_addr`, which mmap never
+/// hands out unless asked with MAP_FIXED. (An address freed by munmap is no good: the
+/// kernel gives it to the next mapping of that size, possibly another test's.)
+pub fn unmapped_address() -> *const u8 {
+    page() as *const u8
+}
+
+/// An iovec of `len` bytes at `ptr`.
+pub fn iov(ptr: *const u8, len: usize) -> libc::iovec {
+    libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len }
+}
+
+/// The deterministic byte a fixture filled with `seed` holds at `offset`.
+#[inline]
+pub fn pattern(seed: u64, offset: usize) -> u8 {
+    let x = (offset as u64 >> 3).wrapping_add(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let h = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    (h >> (8 * (offset as u64 & 7))) as u8
+}
+
+/// Fills `len` bytes at `ptr` with `pattern(seed, base_offset + i)`.
+///
+/// # Safety
+/// `[ptr, ptr + len)` must be writable memory that nothing else accesses meanwhile.
+pub unsafe fn fill(ptr: *mut u8, len: usize, seed: u64, base_offset: usize) {
+    // SAFETY: forwarded to the caller's contract.
+    let s = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+    for (i, b) in s.iter_mut().enumerate() {
+        *b = pattern(seed, base_offset + i);
+    }
+}
+
+/// Compares `len` bytes at `a` and `b`; returns the first offset that differs.
+///
+/// # Safety
+/// Both ranges must be readable for `len` bytes, and not written meanwhile.
+pub unsafe fn first_difference(a: *const u8, b: *const u8, len: usize) -> Option<usize> {
+    // SAFETY: forwarded to the caller's contract.
+    let (x, y) = unsafe { (std::slice::from_raw_parts(a, len), std::slice::from_raw_parts(b, len)) };
+    if x == y { None } else { x.iter().zip(y).position(|(p, q)| p != q) }
+}
+
+/// Creates a memfd (close-on-exec) with extra `flags`.
+pub fn memfd(name: &str, flags: libc::c_uint) -> io::Result<File> {
+    let name = std::ffi::CString::new(name).expect("no NUL in fixture names");
+    // SAFETY: valid C string; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags | libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// A mapping made with raw mmap, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value; only raw pointers are handed out.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// `mmap(NULL, len, prot, flags, fd, offset)`.
+    pub fn new(len: usize, prot: i32, flags: i32, fd: Option<BorrowedFd<'_>>, offset: u64) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let raw = fd.map_or(-1, |f| f.as_raw_fd());
+        // SAFETY: NULL address without MAP_FIXED: the kernel picks free space, so no
+        // existing mapping is affected. The result is checked.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, raw, offset as libc::off_t) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
+    /// Takes ownership of a mapping made elsewhere.
+    ///
+    /// # Safety
+    /// `[ptr, ptr + len)` must be a mapping that nothing else will unmap.
+    pub unsafe fn from_raw(ptr: *mut u8, len: usize) -> Self {
+        Mapping { ptr, len }
+    }
+
+    /// Shared anonymous memory, read-write: cloneable, with no fd.
+    pub fn anon_shared(len: usize) -> io::Result<Self> {
+        Self::new(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, None, 0)
+    }
+
+    /// Private anonymous memory, read-write: cannot be aliased.
+    pub fn anon_private(len: usize) -> io::Result<Self> {
+        Self::new(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None, 0)
+    }
+
+    /// First byte.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping has length 0 (never, for a successful mmap).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// An iovec of `len` bytes at offset `off`.
+    pub fn iov(&self, off: usize, len: usize) -> libc::iovec {
+        assert!(off + len <= self.len, "iovec past the end of the fixture");
+        iov(self.ptr.wrapping_add(off), len)
+    }
+
+    /// Unmaps now (the address range becomes free for anyone).
+    pub fn unmap(self) {}
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the range was mapped by `new` and is owned by this value.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Guest RAM: a memfd (or 2 MiB hugetlb memfd) mapped MAP_SHARED read-write.
+pub struct GuestRam {
+    file: File,
+    map: MmapRaw,
+    page_size: usize,
+}
+
+impl GuestRam {
+    /// `len` bytes of memfd RAM (rounded up to whole pages), zeroed.
+    pub fn new(len: usize) -> io::Result<Self> {
+        let len = len.next_multiple_of(page());
+        let file = memfd("iovmap-guest-ram", 0)?;
+        file.set_len(len as u64)?;
+        let map = MmapOptions::new().len(len).map_raw(&file)?;
+        Ok(GuestRam { file, map, page_size: page() })
+    }
+
+    /// `len` bytes (rounded up to 2 MiB) of a 2 MiB hugetlb memfd, prefaulted.
+    pub fn huge(len: usize) -> Result<Self, Unavailable> {
+        let len = len.next_multiple_of(HUGE_2M);
+        let free = free_huge_pages();
+        if free * HUGE_2M < len {
+            return Err(Unavailable(format!(
+                "{} MiB of 2 MiB huge pages needed, {free} free (as root: echo 64 > /proc/sys/vm/nr_hugepages; .ci/run does)",
+                len >> 20
+            )));
+        }
+        let file = memfd("iovmap-huge-ram", libc::MFD_HUGETLB | libc::MFD_HUGE_2MB)
+            .map_err(|e| Unavailable(format!("memfd_create(MFD_HUGETLB | MFD_HUGE_2MB) failed: {e}")))?;
+        file.set_len(len as u64).map_err(|e| Unavailable(format!("ftruncate of a hugetlb memfd failed: {e}")))?;
+        // hugetlb reserves the pages at mmap time, so a shortage (another process took
+        // them meanwhile) fails here with ENOMEM rather than with SIGBUS later.
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw(&file)
+            .map_err(|e| Unavailable(format!("mmap of {} MiB of huge pages failed: {e}", len >> 20)))?;
+        Ok(GuestRam { file, map, page_size: HUGE_2M })
+    }
+
+    /// First byte.
+    pub fn ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the RAM has length 0 (never).
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// Page size of the mapping.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// The memfd.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// The memfd as a `File`.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// An iovec of `len` bytes at offset `off`.
+    pub fn iov(&self, off: usize, len: usize) -> libc::iovec {
+        assert!(off + len <= self.len(), "iovec past the end of the fixture");
+        iov(self.ptr().wrapping_add(off), len)
+    }
+
+    /// Fills the whole RAM with `pattern(seed, offset)`.
+    pub fn fill(&self, seed: u64) {
+        // SAFETY: the mapping is ours and writable; callers fill before sharing it.
+        unsafe { fill(self.ptr(), self.len(), seed, 0) }
+    }
+
+    /// Reads the byte at `off` (volatile: views may write it).
+    pub fn read(&self, off: usize) -> u8 {
+        assert!(off < self.len());
+        // SAFETY: in bounds of a live mapping.
+        unsafe { self.ptr().add(off).read_volatile() }
+    }
+
+    /// Writes the byte at `off` (volatile).
+    pub fn write(&self, off: usize, v: u8) {
+        assert!(off < self.len());
+        // SAFETY: in bounds of a live writable mapping.
+        unsafe { self.ptr().add(off).write_volatile(v) }
+    }
+}
+
+/// Free 2 MiB huge pages right now.
+pub fn free_huge_pages() -> usize {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A MAP_PRIVATE mapping of a memfd (a private file mapping: cannot be aliased).
+pub fn file_private(len: usize) -> io::Result<(File, Mapping)> {
+    let file = memfd("iovmap-private-file", 0)?;
+    file.set_len(len as u64)?;
+    let m = Mapping::new(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, Some(file.as_fd()), 0)?;
+    Ok((file, m))
+}
+
+/// Duplicates an fd as an `OwnedFd`.
+pub fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    fd.try_clone_to_owned()
+}
