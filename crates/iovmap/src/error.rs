@@ -1,0 +1,134 @@
+//! The error type: one variant per way a map or a registration can fail, each naming the
+//! offending segment and saying what to do about it.
+
+use std::io;
+
+/// Why a view could not be built, or a region not registered.
+///
+/// Every error leaves nothing behind: no mapping, no fd, no partial view, and the
+/// registered table as it was.
+///
+/// ```
+/// let private = vec![0u8; 8192];
+/// let iov = [libc::iovec { iov_base: private.as_ptr() as *mut _, iov_len: 4096 }];
+/// let err = iovmap::map(&iov).unwrap_err();
+/// assert!(matches!(err, iovmap::Error::NotShareable { index: 0 }));
+/// assert!(err.to_string().contains("memfd"));
+/// ```
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The list holds no bytes.
+    #[error("the iovec list is empty (every segment has length 0): pass at least one non-empty segment")]
+    Empty,
+
+    /// The view would not fit in the address space.
+    #[error("the view is larger than the address space allows (isize::MAX bytes): map the list in smaller views")]
+    TooLarge,
+
+    /// A boundary between two runs is not on a page boundary of both mappings.
+    #[error(
+        "segment {index} meets its neighbour off a page boundary: interior segments must start and end \
+         on the page size of their mapping (4 KiB, or the huge page size), unless one continues the \
+         other in the same mapping; only the first segment may start, and the last end, mid-page"
+    )]
+    Unaligned {
+        /// Index of the offending segment in the caller's list.
+        index: usize,
+    },
+
+    /// Part of a segment is not mapped in this process.
+    #[error(
+        "segment {index} covers an address that is not mapped in this process: pass host addresses of live mappings"
+    )]
+    NotMapped {
+        /// Index of the offending segment in the caller's list.
+        index: usize,
+    },
+
+    /// Part of a segment is private memory, which cannot be aliased.
+    #[error(
+        "segment {index} lies in private memory (MAP_PRIVATE or private anonymous), which cannot be \
+         aliased without losing copied-on-write pages: back guest RAM with a memfd or a shared mapping \
+         (QEMU: share=on)"
+    )]
+    NotShareable {
+        /// Index of the offending segment in the caller's list.
+        index: usize,
+    },
+
+    /// The kernel refused to clone a run and no registered fd could place it.
+    #[error(
+        "segment {index}: the kernel will not clone its mapping and no registered fd could be mapped in \
+         its place ({source}): register the fd that backs it with Remapper::register (a vfio device fd \
+         at its region offset, a hugetlbfs or memfd file); an fd that refuses MAP_FIXED cannot be used"
+    )]
+    NoFallback {
+        /// Index of the first segment of the run.
+        index: usize,
+        /// The kernel's refusal (of the clone, or of the fd mapping).
+        source: io::Error,
+    },
+
+    /// The view needs more mappings than vm.max_map_count leaves room for.
+    #[error(
+        "the view needs {needed} mappings but this process has room for {available} under \
+         vm.max_map_count: raise vm.max_map_count (sysctl) or coalesce the list (adjacent pages of one \
+         mapping cost a single mapping)"
+    )]
+    TooManyMappings {
+        /// Mappings the view needs (one per run).
+        needed: usize,
+        /// Mappings the process can still create, minus the kernel's margin.
+        available: usize,
+    },
+
+    /// A registration or unregistration was refused.
+    #[error("invalid region: {reason}")]
+    InvalidRegion {
+        /// What is wrong with it, and what to do.
+        reason: String,
+    },
+
+    /// A run's backing cannot be written, but a read-write view was asked for.
+    #[error(
+        "segment {index} is backed by memory that cannot be written (a read-only fd or a write-sealed \
+         memfd): map it with Access::ReadOnly"
+    )]
+    NotWritable {
+        /// Index of the first segment of the run.
+        index: usize,
+    },
+
+    /// A system call failed for a reason none of the other variants covers.
+    #[error("{op} failed{}: {source}", index.map(|i| format!(" for segment {i}")).unwrap_or_default())]
+    Os {
+        /// The operation that failed.
+        op: &'static str,
+        /// The segment it was working on, if any.
+        index: Option<usize>,
+        /// The kernel's answer.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// The index of the segment the error names, if it names one.
+    ///
+    /// ```
+    /// let e = iovmap::Error::Unaligned { index: 3 };
+    /// assert_eq!(e.index(), Some(3));
+    /// assert_eq!(iovmap::Error::Empty.index(), None);
+    /// ```
+    pub fn index(&self) -> Option<usize> {
+        match self {
+            Error::Unaligned { index }
+            | Error::NotMapped { index }
+            | Error::NotShareable { index }
+            | Error::NoFallback { index, .. }
+            | Error::NotWritable { index } => Some(*index),
+            Error::Os { index, .. } => *index,
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! # iovmap: one contiguous view of a scatter list, without copying a byte
+//!
+//! A virtual machine monitor holds guest buffers (virtio-gpu blobs, DMA regions,
+//! framebuffers) as iovec lists over guest RAM (memfd, shmem, hugetlbfs) and device BARs
+//! (vfio-pci). iovmap maps such a list into one contiguous range of host virtual memory
+//! that aliases the original pages:
+//!
+//! - each run of the list is *cloned* into a reserved range with
+//!   `mremap(src, 0, len, MREMAP_FIXED | MREMAP_MAYMOVE, dst)`;
+//! - where the kernel refuses the clone (vfio-pci BARs and other VM_PFNMAP /
+//!   VM_DONTEXPAND mappings: EFAULT; hugetlbfs: EINVAL), the registered fd is mapped at
+//!   the right offset instead, and the refusal is remembered;
+//! - adjacent segments of one mapping are coalesced into one run, segments that span two
+//!   mappings are split, private memory is refused before anything is mapped, and every
+//!   error leaves nothing behind.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let page = 4096;
+//! // Shared guest RAM of 8 pages.
+//! let ram = unsafe {
+//!     libc::mmap(std::ptr::null_mut(), 8 * page, libc::PROT_READ | libc::PROT_WRITE,
+//!                libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0)
+//! } as *mut u8;
+//! for i in 0..8 { unsafe { ram.add(i * page).write(i as u8) } }
+//! // A scatter list: pages 6, 2, 3 (2 and 3 are adjacent: one run).
+//! let iov = |p: usize| libc::iovec { iov_base: unsafe { ram.add(p * page) }.cast(), iov_len: page };
+//! let remapper = iovmap::Remapper::new();
+//! let view = remapper.map(&[iov(6), iov(2), iov(3)])?;
+//! assert_eq!(view.len(), 3 * page);
+//! assert_eq!(view.stats().runs, 2);
+//! for (i, want) in [6u8, 2, 3].into_iter().enumerate() {
+//!     assert_eq!(unsafe { view.as_ptr().add(i * page).read_volatile() }, want);
+//! }
+//! drop(view);
+//! # unsafe { libc::munmap(ram.cast(), 8 * page) };
+//! # Ok(()) }
+//! ```
+//!
+//! Where things are: [`plan`] (pure: validate, split, coalesce, lay out), `place.rs`
+//! (the mapping loop), `sys.rs` (every syscall), [`Remapper`] (the registered fds).
+//! `docs/design.md` in the repository explains the kernel matrix and the error model.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
+mod headroom;
+mod options;
+mod place;
+pub mod plan;
+mod regions;
+mod remapper;
+mod reservation;
+mod sys;
+mod view;
+mod vma;
+
+pub use error::Error;
+pub use options::{Access, MapOptions};
+pub use remapper::{Remapper, map};
+pub use view::{MapStats, View};
+
+/// Parsers for the kernel's text about mappings (exposed for fuzzing and tools).
+pub mod maps {
+    pub use crate::vma::{format_maps_line, parse_maps, parse_maps_line};
+}
+
+/// The base page size of this machine.
+///
+/// ```
+/// assert!(iovmap::page_size().is_power_of_two());
+/// ```
+pub fn page_size() -> usize {
+    sys::page_size()
+}

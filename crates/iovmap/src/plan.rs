@@ -1,0 +1,492 @@
+//! Planning: from an iovec list to the runs that will be placed. Pure: no syscalls.
+//!
+//! The planner validates every segment, splits segments where they cross a VMA or a
+//! registered region, coalesces pieces that continue each other in their backing, and
+//! lays the resulting runs out in the view so that each one lands page-aligned. Where
+//! the data it needs comes from the kernel (which VMA covers an address), it asks a
+//! [`VmaSource`]; tests and the fuzzer hand it a table instead.
+//!
+//! ```
+//! use iovmap::plan::{plan, Vma};
+//!
+//! // One shared mapping of 16 pages at 0x10000.
+//! let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: libc::PROT_READ | libc::PROT_WRITE,
+//!                       shared: true, page_size: 0x1000 }];
+//! let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+//! // Three adjacent pages, then one further on: two runs.
+//! let list = [iov(0x10000, 0x1000), iov(0x11000, 0x2000), iov(0x18000, 0x1000)];
+//! let p = plan(&list, &mut vmas[..], &[], 0x1000)?;
+//! assert_eq!(p.runs.len(), 2);
+//! assert_eq!((p.runs[0].src, p.runs[0].len, p.runs[0].dst), (0x10000, 0x3000, 0));
+//! assert_eq!((p.runs[1].src, p.runs[1].len, p.runs[1].dst), (0x18000, 0x1000, 0x3000));
+//! assert_eq!(p.len, 0x4000);
+//! # Ok::<(), iovmap::Error>(())
+//! ```
+
+use crate::error::Error;
+use crate::regions::region_window;
+
+pub use crate::regions::{FileId, RegionSpan};
+pub use crate::vma::{Vma, VmaSource};
+
+/// Where a run can be mapped from when the clone is not possible or refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdSource {
+    /// Index of the registered region (in the span table given to [`plan`]).
+    pub region: usize,
+    /// File offset of the run's first mapped byte.
+    pub offset: u64,
+}
+
+/// One mapping operation of a view: a page-aligned stretch of one backing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// Offset of the run's first byte from the start of the reservation.
+    pub dst: usize,
+    /// Bytes to map: a multiple of `page_size`.
+    pub len: usize,
+    /// Host address of the run's first mapped byte (page-aligned).
+    pub src: usize,
+    /// Whether `[src, src + len)` lies in one VMA, so that one clone places it.
+    pub clone: bool,
+    /// The registered fd that can place the run, when every piece of it is registered
+    /// and the pieces are contiguous in one file.
+    pub fd: Option<FdSource>,
+    /// Page size of the backing; `dst`, `src` and `len` are multiples of it.
+    pub page_size: usize,
+    /// Protection of the source VMA (`PROT_*`), meaningful when `clone` is set.
+    pub prot: i32,
+    /// Index (in the caller's list) of the first segment that contributes to the run.
+    pub first: usize,
+    /// Index of the last segment that contributes to the run.
+    pub last: usize,
+}
+
+/// Everything needed to build a view, decided before anything is mapped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The runs, in view order.
+    pub runs: Vec<Run>,
+    /// Number of non-empty segments.
+    pub segments: usize,
+    /// Exact byte length of the view (the sum of the segment lengths).
+    pub len: usize,
+    /// Offset of the view's first byte in the first run (the first segment may start
+    /// mid-page).
+    pub lead: usize,
+    /// Bytes to reserve: the end of the last run.
+    pub map_len: usize,
+    /// Alignment the reservation needs: the largest page size of any run.
+    pub align: usize,
+}
+
+/// The run being built.
+struct Open {
+    run: Run,
+    /// Host address one past the last byte added so far.
+    src_end: usize,
+    /// Start of the VMA of the last piece, which a clone continuation must share.
+    vma_start: usize,
+    /// File offset one past the last byte added, when the run can be placed by fd.
+    off_end: u64,
+    /// End of the VMA and region (or gap) of the last piece: the run may not map past it.
+    limit: usize,
+}
+
+struct Planner<'a, V: ?Sized> {
+    vmas: &'a mut V,
+    spans: &'a [RegionSpan],
+    base_page: usize,
+    runs: Vec<Run>,
+    open: Option<Open>,
+    /// The VMA of the last piece, to avoid asking the source again.
+    vma: Option<Vma>,
+    lead: usize,
+    align: usize,
+}
+
+/// Plans a view of `iovs`: validates, splits, coalesces and lays out the runs.
+///
+/// `vmas` answers which mapping covers an address; `regions` is the registered table,
+/// sorted by address and non-overlapping; `base_page` is the system page size.
+///
+/// # Errors
+/// [`Error::Empty`], [`Error::TooLarge`], [`Error::NotMapped`], [`Error::NotShareable`],
+/// [`Error::Unaligned`], and [`Error::Os`] when the VMA source fails.
+pub fn plan<V: VmaSource + ?Sized>(
+    iovs: &[libc::iovec],
+    vmas: &mut V,
+    regions: &[RegionSpan],
+    base_page: usize,
+) -> Result<Plan, Error> {
+    let mut p =
+        Planner { vmas, spans: regions, base_page, runs: Vec::new(), open: None, vma: None, lead: 0, align: base_page };
+    let mut segments = 0usize;
+    let mut total = 0usize;
+    // The fast path: a segment that continues the open run inside the same VMA and the
+    // same region (or gap) only extends it. `cursor` is where the open run ends and
+    // `window` the end of the stretch it may grow into; `window >= cursor` always.
+    let mut cursor = 0usize;
+    let mut window = 0usize;
+    for (index, iov) in iovs.iter().enumerate() {
+        let len = iov.iov_len;
+        if len == 0 {
+            continue;
+        }
+        segments += 1;
+        total = total.checked_add(len).ok_or(Error::TooLarge)?;
+        let addr = iov.iov_base as usize;
+        if addr == cursor && len <= window - addr {
+            cursor += len;
+            if let Some(open) = p.open.as_mut() {
+                open.run.last = index;
+            }
+            continue;
+        }
+        // Sync the open run with what the fast path added, then take the slow path.
+        p.sync(cursor);
+        let end = addr.checked_add(len).ok_or(Error::NotMapped { index })?;
+        let mut at = addr;
+        while at < end {
+            (at, window) = p.piece(at, end, index)?;
+        }
+        cursor = end;
+    }
+    p.sync(cursor);
+    if total == 0 {
+        return Err(Error::Empty);
+    }
+    if total > isize::MAX as usize {
+        return Err(Error::TooLarge);
+    }
+    p.close_last()?;
+    let map_len = p.runs.last().map_or(0, |r| r.dst + r.len);
+    if map_len > isize::MAX as usize - p.align {
+        return Err(Error::TooLarge);
+    }
+    Ok(Plan { runs: p.runs, segments, len: total, lead: p.lead, map_len, align: p.align })
+}
+
+#[inline]
+fn is_aligned(x: usize, to: usize) -> bool {
+    x & (to - 1) == 0
+}
+
+impl<V: VmaSource + ?Sized> Planner<'_, V> {
+    /// Records bytes the fast path appended to the open run.
+    fn sync(&mut self, cursor: usize) {
+        if let Some(open) = self.open.as_mut() {
+            if cursor > open.src_end {
+                let grown = cursor - open.src_end;
+                open.src_end = cursor;
+                open.off_end += grown as u64;
+            }
+        }
+    }
+
+    fn vma_at(&mut self, at: usize, index: usize) -> Result<Vma, Error> {
+        if let Some(v) = self.vma.filter(|v| v.contains(at)) {
+            return Ok(v);
+        }
+        let found =
+            self.vmas.vma_at(at).map_err(|source| Error::Os { op: "VMA lookup", index: Some(index), source })?;
+        // A source that answers with a VMA not covering `at` is treated as "not mapped",
+        // so that the planner always makes progress.
+        let v = found.filter(|v| v.contains(at)).ok_or(Error::NotMapped { index })?;
+        self.vma = Some(v);
+        Ok(v)
+    }
+
+    /// Adds the piece of segment `index` that starts at `at` (and ends at `end` or at the
+    /// first VMA or region boundary). Returns where the piece ends and the end of the
+    /// window the open run may keep growing into.
+    fn piece(&mut self, at: usize, end: usize, index: usize) -> Result<(usize, usize), Error> {
+        let vma = self.vma_at(at, index)?;
+        if !vma.shared {
+            return Err(Error::NotShareable { index });
+        }
+        let (region, region_end) = region_window(self.spans, at);
+        let window = vma.end.min(region_end);
+        let piece_end = end.min(window);
+        let span = region.map(|r| self.spans[r]);
+        let page_size = vma.page_size.max(span.map_or(0, |s| s.page_size)).max(self.base_page);
+        let offset = span.map(|s| s.offset_of(at));
+
+        if let Some(open) = self.open.as_mut() {
+            let by_clone = open.run.clone && at == open.src_end && vma.start == open.vma_start;
+            let by_fd = match (open.run.fd, span, offset) {
+                (Some(fd), Some(s), Some(off)) => self.spans[fd.region].file == s.file && off == open.off_end,
+                _ => false,
+            };
+            if by_clone || by_fd {
+                open.run.clone = by_clone;
+                if !by_fd {
+                    open.run.fd = None;
+                }
+                open.run.last = index;
+                open.off_end = offset.map_or(0, |o| o + (piece_end - at) as u64);
+                open.src_end = piece_end;
+                open.vma_start = vma.start;
+                open.limit = window;
+                return Ok((piece_end, window));
+            }
+        }
+
+        // A new run starts here. Interior boundaries must be aligned on both sides; the
+        // first run is mapped from the page boundary below its first byte.
+        let (dst, src) = match self.close_interior()? {
+            Some(prev) => {
+                let dst = prev.dst + prev.len;
+                if !is_aligned(at, page_size) || !is_aligned(dst, page_size) {
+                    return Err(Error::Unaligned { index });
+                }
+                (dst, at)
+            }
+            None => {
+                self.lead = at & (page_size - 1);
+                (0, at - self.lead)
+            }
+        };
+        // Holds for every real VMA and registered region (their bounds are aligned to
+        // their page size); a table that breaks it cannot be placed without crossing.
+        let floor = (at - src) as u64;
+        let fd_offset = offset.map(|o| o.checked_sub(floor));
+        if src < vma.start || span.is_some_and(|s| src < s.start) || fd_offset == Some(None) {
+            return Err(Error::Unaligned { index });
+        }
+        self.align = self.align.max(page_size);
+        self.open = Some(Open {
+            run: Run {
+                dst,
+                len: 0,
+                src,
+                clone: true,
+                fd: region.zip(fd_offset.flatten()).map(|(region, offset)| FdSource { region, offset }),
+                page_size,
+                prot: vma.prot,
+                first: index,
+                last: index,
+            },
+            src_end: piece_end,
+            vma_start: vma.start,
+            off_end: offset.map_or(0, |o| o + (piece_end - at) as u64),
+            limit: window,
+        });
+        Ok((piece_end, window))
+    }
+
+    /// Closes the open run because another starts after it: its end must be aligned.
+    fn close_interior(&mut self) -> Result<Option<Run>, Error> {
+        let Some(open) = self.open.take() else { return Ok(None) };
+        let mut run = open.run;
+        if !is_aligned(open.src_end, run.page_size) {
+            return Err(Error::Unaligned { index: run.last });
+        }
+        run.len = open.src_end - run.src;
+        self.runs.push(run);
+        Ok(Some(run))
+    }
+
+    /// Closes the last run: it may end mid-page, and maps the whole last page.
+    fn close_last(&mut self) -> Result<(), Error> {
+        let Some(open) = self.open.take() else { return Ok(()) };
+        let mut run = open.run;
+        let end = open.src_end.checked_next_multiple_of(run.page_size).ok_or(Error::TooLarge)?;
+        if end > open.limit {
+            return Err(Error::Unaligned { index: run.last });
+        }
+        run.len = end - run.src;
+        run.dst.checked_add(run.len).ok_or(Error::TooLarge)?;
+        self.runs.push(run);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: usize = 0x1000;
+    const H: usize = 0x20_0000;
+    const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+    fn iov(a: usize, l: usize) -> libc::iovec {
+        libc::iovec { iov_base: a as *mut libc::c_void, iov_len: l }
+    }
+    fn shared(start: usize, end: usize) -> Vma {
+        Vma { start, end, prot: RW, shared: true, page_size: P }
+    }
+    fn span(start: usize, end: usize, offset: u64, ino: u64) -> RegionSpan {
+        RegionSpan { start, end, offset, file: FileId { dev: 1, ino }, page_size: P }
+    }
+    fn run_plan(list: &[libc::iovec], vmas: &[Vma], regions: &[RegionSpan]) -> Result<Plan, Error> {
+        let mut v = vmas.to_vec();
+        plan(list, &mut v[..], regions, P)
+    }
+
+    #[test]
+    fn adjacent_pages_of_one_mapping_are_one_run() {
+        let n = 262_144;
+        let base = 0x1000_0000;
+        let list: Vec<_> = (0..n).map(|i| iov(base + i * P, P)).collect();
+        let p = run_plan(&list, &[shared(base, base + n * P)], &[]).unwrap();
+        assert_eq!(p.runs.len(), 1);
+        assert_eq!(p.segments, n);
+        assert_eq!(p.len, n * P);
+        assert_eq!(
+            p.runs[0],
+            Run { dst: 0, len: n * P, src: base, clone: true, fd: None, page_size: P, prot: RW, first: 0, last: n - 1 }
+        );
+    }
+
+    #[test]
+    fn zero_length_segments_are_skipped_and_all_zero_is_empty() {
+        let list = [iov(0x1000, 0), iov(0x1000, P), iov(0, 0), iov(0x2000, P)];
+        let p = run_plan(&list, &[shared(0x1000, 0x3000)], &[]).unwrap();
+        assert_eq!((p.segments, p.runs.len(), p.runs[0].last), (2, 1, 3));
+        assert!(matches!(run_plan(&[iov(0x1000, 0)], &[], &[]), Err(Error::Empty)));
+        assert!(matches!(run_plan(&[], &[], &[]), Err(Error::Empty)));
+    }
+
+    #[test]
+    fn a_segment_across_two_mappings_is_split_at_the_boundary() {
+        let vmas = [shared(0x10000, 0x12000), shared(0x12000, 0x14000)];
+        let p = run_plan(&[iov(0x11000, 0x2000)], &vmas, &[]).unwrap();
+        assert_eq!(p.runs.len(), 2);
+        assert_eq!((p.runs[0].src, p.runs[0].len, p.runs[0].dst), (0x11000, 0x1000, 0));
+        assert_eq!((p.runs[1].src, p.runs[1].len, p.runs[1].dst), (0x12000, 0x1000, 0x1000));
+        assert!(p.runs.iter().all(|r| r.clone && r.first == 0 && r.last == 0));
+    }
+
+    #[test]
+    fn first_may_start_and_last_may_end_mid_page() {
+        let list = [iov(0x10100, 0xf00), iov(0x14000, 0x10)];
+        let p = run_plan(&list, &[shared(0x10000, 0x20000)], &[]).unwrap();
+        assert_eq!(p.lead, 0x100);
+        assert_eq!(p.len, 0xf10);
+        assert_eq!((p.runs[0].src, p.runs[0].len), (0x10000, 0x1000));
+        assert_eq!((p.runs[1].src, p.runs[1].len, p.runs[1].dst), (0x14000, 0x1000, 0x1000));
+        assert_eq!(p.map_len, 0x2000);
+    }
+
+    #[test]
+    fn unaligned_interior_boundaries_name_the_segment() {
+        let vmas = [shared(0x10000, 0x20000)];
+        // Ends mid-page, and the next one is not its continuation.
+        let e = run_plan(&[iov(0x10000, 0x800), iov(0x13000, P)], &vmas, &[]).unwrap_err();
+        assert!(matches!(e, Error::Unaligned { index: 0 }), "{e:?}");
+        // Starts mid-page after an aligned end.
+        let e = run_plan(&[iov(0x10000, P), iov(0x13800, 0x800)], &vmas, &[]).unwrap_err();
+        assert!(matches!(e, Error::Unaligned { index: 1 }), "{e:?}");
+        // A mid-page continuation is no boundary at all.
+        let p = run_plan(&[iov(0x10000, 0x800), iov(0x10800, 0x900)], &vmas, &[]).unwrap();
+        assert_eq!(p.runs.len(), 1);
+        assert_eq!(p.runs[0].len, 0x2000);
+    }
+
+    #[test]
+    fn private_and_unmapped_memory_are_refused_with_the_index() {
+        let vmas = [shared(0x10000, 0x20000), Vma { shared: false, ..shared(0x20000, 0x30000) }];
+        let e = run_plan(&[iov(0x10000, P), iov(0x1f000, 2 * P)], &vmas, &[]).unwrap_err();
+        assert!(matches!(e, Error::NotShareable { index: 1 }), "{e:?}");
+        let e = run_plan(&[iov(0x10000, P), iov(0x40000, P)], &vmas, &[]).unwrap_err();
+        assert!(matches!(e, Error::NotMapped { index: 1 }), "{e:?}");
+        let e = run_plan(&[iov(usize::MAX - 10, 20)], &vmas, &[]).unwrap_err();
+        assert!(matches!(e, Error::NotMapped { index: 0 }), "{e:?}");
+    }
+
+    #[test]
+    fn overflowing_sums_are_too_large() {
+        // A segment that wraps the address space cannot be mapped.
+        let e = run_plan(&[iov(0x10000, usize::MAX)], &[shared(0x10000, 0x20000)], &[]).unwrap_err();
+        assert!(matches!(e, Error::NotMapped { index: 0 }), "{e:?}");
+        // Valid segments whose sum overflows (a huge mapping listed repeatedly).
+        let huge = shared(P, usize::MAX - P + 1);
+        let big = isize::MAX as usize & !(P - 1);
+        let e = run_plan(&[iov(P, big), iov(P, big), iov(P, big)], &[huge], &[]).unwrap_err();
+        assert!(matches!(e, Error::TooLarge), "{e:?}");
+        // A sum that fits in usize but not in isize.
+        let e = run_plan(&[iov(P, big), iov(P, big)], &[huge], &[]).unwrap_err();
+        assert!(matches!(e, Error::TooLarge), "{e:?}");
+    }
+
+    #[test]
+    fn registered_runs_carry_their_fd_offset_and_cross_vmas_by_fd() {
+        // One region over two VMAs (say the VMM mprotected half of it): one fd run.
+        let vmas = [shared(0x10000, 0x14000), shared(0x14000, 0x18000)];
+        let regions = [span(0x10000, 0x18000, 0x100000, 7)];
+        let p = run_plan(&[iov(0x12000, 0x4000)], &vmas, &regions).unwrap();
+        assert_eq!(p.runs.len(), 1);
+        let r = p.runs[0];
+        assert!(!r.clone);
+        assert_eq!(r.fd, Some(FdSource { region: 0, offset: 0x102000 }));
+        assert_eq!(r.len, 0x4000);
+    }
+
+    #[test]
+    fn registered_pieces_of_one_file_coalesce_by_offset() {
+        // The same file mapped twice; the list jumps from one alias to the other at
+        // contiguous file offsets: one fd run, not clonable.
+        let vmas = [shared(0x10000, 0x14000), shared(0x40000, 0x44000)];
+        let regions = [span(0x10000, 0x14000, 0, 3), span(0x40000, 0x44000, 0x4000, 3)];
+        let p = run_plan(&[iov(0x13000, P), iov(0x40000, P)], &vmas, &regions).unwrap();
+        assert_eq!(p.runs.len(), 1);
+        assert!(!p.runs[0].clone);
+        assert_eq!(p.runs[0].fd, Some(FdSource { region: 0, offset: 0x3000 }));
+        // Different files never coalesce.
+        let regions = [span(0x10000, 0x14000, 0, 3), span(0x40000, 0x44000, 0x4000, 4)];
+        assert_eq!(run_plan(&[iov(0x13000, P), iov(0x40000, P)], &vmas, &regions).unwrap().runs.len(), 2);
+    }
+
+    #[test]
+    fn a_registered_and_an_unregistered_part_of_one_vma_clone_together() {
+        let vmas = [shared(0x10000, 0x20000)];
+        let regions = [span(0x10000, 0x12000, 0, 3)];
+        let p = run_plan(&[iov(0x11000, 2 * P)], &vmas, &regions).unwrap();
+        assert_eq!(p.runs.len(), 1);
+        assert!(p.runs[0].clone);
+        assert_eq!(p.runs[0].fd, None);
+    }
+
+    #[test]
+    fn huge_pages_align_runs_and_the_reservation() {
+        let huge = Vma { page_size: H, ..shared(0x4000_0000, 0x4080_0000) };
+        let small = shared(0x10000, 0x300000);
+        let regions = [RegionSpan { page_size: H, ..span(0x4000_0000, 0x4080_0000, 0, 9) }];
+        // A 2 MiB-long 4 KiB run first keeps the huge run aligned in the view.
+        let p = run_plan(&[iov(0x10000, H), iov(0x4020_0000, H)], &[small, huge], &regions).unwrap();
+        assert_eq!(p.align, H);
+        assert_eq!(p.runs[1].dst, H);
+        assert_eq!(p.runs[1].page_size, H);
+        // One 4 KiB page before it does not.
+        let e = run_plan(&[iov(0x10000, P), iov(0x4020_0000, H)], &[small, huge], &regions).unwrap_err();
+        assert!(matches!(e, Error::Unaligned { index: 1 }), "{e:?}");
+        // A huge run may start mid-page: it is mapped from its huge page boundary.
+        let p = run_plan(&[iov(0x4020_1000, 0x10)], &[huge], &regions).unwrap();
+        assert_eq!((p.lead, p.runs[0].src, p.runs[0].len), (0x1000, 0x4020_0000, H));
+        assert_eq!(p.runs[0].fd, Some(FdSource { region: 0, offset: 0x20_0000 }));
+    }
+
+    #[test]
+    fn duplicates_and_reverse_order_are_separate_runs() {
+        let vmas = [shared(0x10000, 0x20000)];
+        let list = [iov(0x13000, P), iov(0x12000, P), iov(0x12000, P)];
+        let p = run_plan(&list, &vmas, &[]).unwrap();
+        assert_eq!(
+            p.runs.iter().map(|r| (r.src, r.dst)).collect::<Vec<_>>(),
+            [(0x13000, 0), (0x12000, P), (0x12000, 2 * P)]
+        );
+    }
+
+    #[test]
+    fn a_source_that_lies_cannot_hang_the_planner() {
+        struct Liar;
+        impl VmaSource for Liar {
+            fn vma_at(&mut self, _: usize) -> std::io::Result<Option<Vma>> {
+                Ok(Some(Vma { start: 0, end: 0x1000, prot: RW, shared: true, page_size: P }))
+            }
+        }
+        let e = plan(&[iov(0x5000, P)], &mut Liar, &[], P).unwrap_err();
+        assert!(matches!(e, Error::NotMapped { index: 0 }));
+    }
+}

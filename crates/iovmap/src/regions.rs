@@ -1,0 +1,177 @@
+//! The table of registered regions: host ranges whose backing fd and offset the caller
+//! told iovmap, so that runs the kernel will not clone can be mapped from the fd.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// Which file a region maps: runs of two regions on the same file at contiguous offsets
+/// can be placed by one fd mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FileId {
+    /// `st_dev` of the file.
+    pub dev: u64,
+    /// `st_ino` of the file.
+    pub ino: u64,
+}
+
+/// What the planner knows of a registered region: pure data, no fd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionSpan {
+    /// Host address of the region's first byte (page aligned).
+    pub start: usize,
+    /// One past its last byte.
+    pub end: usize,
+    /// Offset in the file of the byte at `start`.
+    pub offset: u64,
+    /// The file the fd refers to.
+    pub file: FileId,
+    /// Page size of the file's mappings (huge page size on hugetlbfs).
+    pub page_size: usize,
+}
+
+impl RegionSpan {
+    /// The file offset of host address `addr`, which must lie in the region.
+    #[inline]
+    pub fn offset_of(&self, addr: usize) -> u64 {
+        self.offset + (addr - self.start) as u64
+    }
+}
+
+/// What iovmap has learned about cloning a region's mappings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CloneState {
+    /// Not tried yet (or it worked): try the clone first.
+    Try,
+    /// The kernel refused with this errno: go straight to the fd.
+    Refused(i32),
+}
+
+/// A registered region: its span, the duplicated fd and what was learned about it.
+#[derive(Debug)]
+pub(crate) struct Region {
+    pub span: RegionSpan,
+    pub fd: OwnedFd,
+    /// 0: clone not known to be refused; otherwise the errno of the refusal.
+    refused: AtomicI32,
+}
+
+impl Region {
+    pub(crate) fn new(span: RegionSpan, fd: OwnedFd) -> Self {
+        Region { span, fd, refused: AtomicI32::new(0) }
+    }
+
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    pub(crate) fn clone_state(&self) -> CloneState {
+        match self.refused.load(Ordering::Relaxed) {
+            0 => CloneState::Try,
+            errno => CloneState::Refused(errno),
+        }
+    }
+
+    /// Remembers, for later runs and later map calls, that the kernel refused to clone
+    /// this region's mapping.
+    pub(crate) fn mark_refused(&self, errno: i32) {
+        self.refused.store(errno.max(1), Ordering::Relaxed);
+    }
+}
+
+/// Registered regions, sorted by address and never overlapping. `spans` mirrors
+/// `regions` so the planner can take a plain slice.
+#[derive(Debug, Default)]
+pub(crate) struct Regions {
+    regions: Vec<Region>,
+    spans: Vec<RegionSpan>,
+}
+
+impl Regions {
+    pub(crate) const fn new() -> Self {
+        Regions { regions: Vec::new(), spans: Vec::new() }
+    }
+
+    pub(crate) fn spans(&self) -> &[RegionSpan] {
+        &self.spans
+    }
+
+    pub(crate) fn get(&self, index: usize) -> &Region {
+        &self.regions[index]
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// The registered region overlapping `[start, end)`, if any.
+    pub(crate) fn overlapping(&self, start: usize, end: usize) -> Option<&RegionSpan> {
+        let i = self.spans.partition_point(|s| s.end <= start);
+        self.spans.get(i).filter(|s| s.start < end)
+    }
+
+    /// Inserts a region that overlaps none of the others.
+    pub(crate) fn insert(&mut self, region: Region) {
+        debug_assert!(self.overlapping(region.span.start, region.span.end).is_none());
+        let i = self.spans.partition_point(|s| s.start < region.span.start);
+        self.spans.insert(i, region.span);
+        self.regions.insert(i, region);
+    }
+
+    /// Removes the region that starts exactly at `start`.
+    pub(crate) fn remove(&mut self, start: usize) -> Option<Region> {
+        let i = self.spans.binary_search_by_key(&start, |s| s.start).ok()?;
+        self.spans.remove(i);
+        Some(self.regions.remove(i))
+    }
+}
+
+/// Finds the registered region containing `addr` in a sorted span table, or else the end
+/// of the unregistered gap that `addr` lies in. Returns `(index, window_end)`.
+#[inline]
+pub(crate) fn region_window(spans: &[RegionSpan], addr: usize) -> (Option<usize>, usize) {
+    let i = spans.partition_point(|s| s.start <= addr);
+    match i.checked_sub(1) {
+        Some(j) if addr < spans[j].end => (Some(j), spans[j].end),
+        _ => (None, spans.get(i).map_or(usize::MAX, |s| s.start)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(start: usize, end: usize) -> RegionSpan {
+        RegionSpan { start, end, offset: 0, file: FileId::default(), page_size: 4096 }
+    }
+
+    #[test]
+    fn windows_cover_regions_and_gaps() {
+        let spans = [span(0x1000, 0x3000), span(0x5000, 0x6000)];
+        assert_eq!(region_window(&spans, 0), (None, 0x1000));
+        assert_eq!(region_window(&spans, 0x1000), (Some(0), 0x3000));
+        assert_eq!(region_window(&spans, 0x2fff), (Some(0), 0x3000));
+        assert_eq!(region_window(&spans, 0x3000), (None, 0x5000));
+        assert_eq!(region_window(&spans, 0x5800), (Some(1), 0x6000));
+        assert_eq!(region_window(&spans, 0x6000), (None, usize::MAX));
+        assert_eq!(region_window(&[], 42), (None, usize::MAX));
+    }
+
+    #[test]
+    fn overlap_is_detected_on_either_side() {
+        let mut r = Regions::new();
+        let fd = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        r.insert(Region::new(span(0x4000, 0x8000), fd()));
+        assert!(r.overlapping(0x3000, 0x4001).is_some());
+        assert!(r.overlapping(0x7fff, 0x9000).is_some());
+        assert!(r.overlapping(0x5000, 0x6000).is_some());
+        assert!(r.overlapping(0x3000, 0x9000).is_some());
+        assert!(r.overlapping(0x3000, 0x4000).is_none());
+        assert!(r.overlapping(0x8000, 0x9000).is_none());
+        r.insert(Region::new(span(0x1000, 0x2000), fd()));
+        assert_eq!(r.spans()[0].start, 0x1000);
+        assert!(r.remove(0x5000).is_none());
+        assert!(r.remove(0x4000).is_some());
+        assert_eq!(r.len(), 1);
+    }
+}

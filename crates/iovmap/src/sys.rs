@@ -1,0 +1,347 @@
+//! The thin layer that talks to the kernel.
+//!
+//! Every system call iovmap makes goes through this module. Each wrapper returns
+//! [`io::Result`] (errno is read here and nowhere else), and each `unsafe` block carries
+//! the argument for its soundness. Functions that can destroy or change memory the
+//! caller may not own (`MAP_FIXED`, `MREMAP_FIXED`, `munmap`, `mprotect`) are `unsafe fn`
+//! with a `# Safety` section; the others are safe.
+//!
+//! With the `fault-injection` feature, every wrapper first asks [`crate::fault`] whether
+//! it should fail; that is how the tests prove rollback at each syscall of the map path.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+
+#[cfg(feature = "fault-injection")]
+use crate::fault::check as inject;
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+fn inject(_: Syscall) -> io::Result<()> {
+    Ok(())
+}
+
+/// The syscalls of the map path, as the fault injector names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+pub enum Syscall {
+    /// The PROT_NONE reservation of the view's address range (`mmap`).
+    Reserve,
+    /// Unmapping the over-reserved head or tail of the reservation (`munmap`).
+    Trim,
+    /// Cloning a run into the reservation (`mremap` with `old_size` 0).
+    Clone,
+    /// Mapping a registered fd into the reservation (`mmap` with `MAP_FIXED`).
+    FdMap,
+    /// The final protection change of the view (`mprotect`).
+    Protect,
+    /// Prefaulting the view's RAM runs (`madvise(MADV_POPULATE_*)`).
+    Populate,
+    /// Asking which VMA covers an address (`ioctl(PROCMAP_QUERY)`).
+    VmaQuery,
+    /// Reading `/proc/self/maps` (VMA lookups on old kernels, VMA counting).
+    VmaCount,
+}
+
+#[cfg(feature = "fault-injection")]
+impl Syscall {
+    /// Every syscall the injector can name, in a fixed order.
+    pub const ALL: [Syscall; 8] = [
+        Syscall::Reserve,
+        Syscall::Trim,
+        Syscall::Clone,
+        Syscall::FdMap,
+        Syscall::Protect,
+        Syscall::Populate,
+        Syscall::VmaQuery,
+        Syscall::VmaCount,
+    ];
+}
+
+/// The base page size of this machine (sysconf(_SC_PAGESIZE)), read once.
+pub(crate) fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(v).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096)
+    })
+}
+
+fn check_ptr(ret: *mut libc::c_void) -> io::Result<usize> {
+    if ret == libc::MAP_FAILED { Err(io::Error::last_os_error()) } else { Ok(ret as usize) }
+}
+
+fn check_int(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+/// Reserves `len` bytes of address space: PROT_NONE, private, anonymous, no swap
+/// accounting. The kernel chooses the address, so nothing existing is touched.
+pub(crate) fn reserve(len: usize) -> io::Result<usize> {
+    inject(Syscall::Reserve)?;
+    // SAFETY: addr is NULL and MAP_FIXED is absent, so the kernel picks a free range and
+    // no existing mapping can be replaced. The result is checked against MAP_FAILED.
+    check_ptr(unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    })
+}
+
+/// Unmaps `[addr, addr + len)`.
+///
+/// # Safety
+/// The range must belong to the caller (a reservation or view it created) and no live
+/// reference into it may be used afterwards.
+pub(crate) unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: forwarded to the caller's contract.
+    check_int(unsafe { libc::munmap(addr as *mut libc::c_void, len) }).map(drop)
+}
+
+/// Unmaps the over-reserved head or tail of a reservation.
+///
+/// # Safety
+/// As [`unmap`].
+pub(crate) unsafe fn trim(addr: usize, len: usize) -> io::Result<()> {
+    inject(Syscall::Trim)?;
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { unmap(addr, len) }
+}
+
+/// Clones `[src, src + len)` to `dst` with `mremap(src, 0, len, MREMAP_FIXED |
+/// MREMAP_MAYMOVE, dst)`: a second mapping of the same pages, `src` untouched.
+///
+/// # Safety
+/// `[dst, dst + len)` must lie inside a reservation the caller owns; whatever is mapped
+/// there is replaced.
+pub(crate) unsafe fn clone_fixed(src: usize, len: usize, dst: usize) -> io::Result<()> {
+    inject(Syscall::Clone)?;
+    // SAFETY: the kernel validates `src` (EFAULT if unmapped); `dst` is owned by the
+    // caller, so replacing what is there is the intended effect.
+    let ret = unsafe {
+        libc::mremap(
+            src as *mut libc::c_void,
+            0,
+            len,
+            libc::MREMAP_FIXED | libc::MREMAP_MAYMOVE,
+            dst as *mut libc::c_void,
+        )
+    };
+    check_ptr(ret).map(drop)
+}
+
+/// Maps `len` bytes of `fd` from `offset` at exactly `dst`, MAP_SHARED.
+///
+/// # Safety
+/// `[dst, dst + len)` must lie inside a reservation the caller owns; whatever is mapped
+/// there is replaced.
+pub(crate) unsafe fn map_fd_fixed(
+    dst: usize,
+    len: usize,
+    prot: libc::c_int,
+    fd: BorrowedFd<'_>,
+    offset: u64,
+) -> io::Result<()> {
+    inject(Syscall::FdMap)?;
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: `dst` is owned by the caller (contract above); `fd` is a live descriptor.
+    let ret = unsafe {
+        libc::mmap(dst as *mut libc::c_void, len, prot, libc::MAP_SHARED | libc::MAP_FIXED, fd.as_raw_fd(), offset)
+    };
+    check_ptr(ret).map(drop)
+}
+
+/// Changes the protection of `[addr, addr + len)`.
+///
+/// # Safety
+/// The range must belong to the caller.
+pub(crate) unsafe fn protect(addr: usize, len: usize, prot: libc::c_int) -> io::Result<()> {
+    inject(Syscall::Protect)?;
+    // SAFETY: forwarded to the caller's contract.
+    check_int(unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) }).map(drop)
+}
+
+/// Prefaults `[addr, addr + len)` with MADV_POPULATE_WRITE (or _READ when `write` is
+/// false). Populating never changes the contents of memory.
+pub(crate) fn populate(addr: usize, len: usize, write: bool) -> io::Result<()> {
+    inject(Syscall::Populate)?;
+    let advice = if write { libc::MADV_POPULATE_WRITE } else { libc::MADV_POPULATE_READ };
+    // SAFETY: MADV_POPULATE_* only faults pages in as a user access would; it cannot
+    // change memory contents or mappings. An unmapped range yields ENOMEM, not UB.
+    check_int(unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) }).map(drop)
+}
+
+/// Duplicates `fd` as a new close-on-exec descriptor.
+pub(crate) fn dup_cloexec(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a live descriptor; the result is checked.
+    let new = check_int(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) })?;
+    // SAFETY: `new` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// What `fstat` and `fstatfs` say about a file, as far as iovmap cares.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FileInfo {
+    pub dev: u64,
+    pub ino: u64,
+    /// Size in bytes, meaningful only when `sized` is true (regular files and memfds).
+    pub size: u64,
+    pub sized: bool,
+    /// The huge page size when the file lives on hugetlbfs.
+    pub huge_page: Option<usize>,
+}
+
+/// fstat + fstatfs of `fd`.
+pub(crate) fn file_info(fd: BorrowedFd<'_>) -> io::Result<FileInfo> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` is a properly sized out-buffer; fstat fills it on success.
+    check_int(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so `st` is initialised.
+    let st = unsafe { st.assume_init() };
+    let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: as above, for fstatfs.
+    check_int(unsafe { libc::fstatfs(fd.as_raw_fd(), fs.as_mut_ptr()) })?;
+    // SAFETY: fstatfs succeeded.
+    let fs = unsafe { fs.assume_init() };
+    let huge_page = (fs.f_type == libc::HUGETLBFS_MAGIC).then_some(fs.f_bsize as usize);
+    Ok(FileInfo {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        sized: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        huge_page,
+    })
+}
+
+/// Opens a file read-only and close-on-exec.
+pub(crate) fn open_read(path: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: `path` is a valid NUL-terminated string; the result is checked.
+    let fd = check_int(unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })?;
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads from the current position of `fd` into `buf`, retrying on EINTR.
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Reads a whole file at `path` by repeated `read` calls into `out`, which is cleared
+/// first. Used for /proc files, whose size `fstat` does not report.
+pub(crate) fn read_file(path: &CStr, out: &mut Vec<u8>) -> io::Result<()> {
+    let fd = open_read(path)?;
+    out.clear();
+    let mut chunk = 64 * 1024;
+    loop {
+        let filled = out.len();
+        out.resize(filled + chunk, 0);
+        let n = read(fd.as_fd(), &mut out[filled..])?;
+        out.truncate(filled + n);
+        if n == 0 {
+            return Ok(());
+        }
+        chunk = chunk.max(out.len());
+    }
+}
+
+/// `struct procmap_query` of `<linux/fs.h>` (Linux 6.11+); defined here because the C
+/// headers of many distributions predate it.
+#[repr(C)]
+#[derive(Default)]
+struct ProcmapQuery {
+    size: u64,
+    query_flags: u64,
+    query_addr: u64,
+    vma_start: u64,
+    vma_end: u64,
+    vma_flags: u64,
+    vma_page_size: u64,
+    vma_offset: u64,
+    inode: u64,
+    dev_major: u32,
+    dev_minor: u32,
+    vma_name_size: u32,
+    build_id_size: u32,
+    vma_name_addr: u64,
+    build_id_addr: u64,
+}
+
+/// `_IOWR('f', 17, struct procmap_query)`.
+const PROCMAP_QUERY: libc::c_ulong = 0xC068_6611;
+const _: () = assert!(std::mem::size_of::<ProcmapQuery>() == 104);
+
+/// Flags of a VMA as PROCMAP_QUERY reports them.
+pub(crate) const PROCMAP_READABLE: u64 = 0x1;
+pub(crate) const PROCMAP_WRITABLE: u64 = 0x2;
+pub(crate) const PROCMAP_EXECUTABLE: u64 = 0x4;
+pub(crate) const PROCMAP_SHARED: u64 = 0x8;
+
+/// The VMA covering one address, as PROCMAP_QUERY answers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct QueriedVma {
+    pub start: u64,
+    pub end: u64,
+    pub flags: u64,
+    pub page_size: u64,
+}
+
+/// Asks the kernel which VMA covers `addr`. `Ok(None)`: no VMA covers it.
+/// ENOTTY means the kernel predates PROCMAP_QUERY (before 6.11).
+pub(crate) fn procmap_query(maps: BorrowedFd<'_>, addr: usize) -> io::Result<Option<QueriedVma>> {
+    inject(Syscall::VmaQuery)?;
+    let mut q = ProcmapQuery {
+        size: std::mem::size_of::<ProcmapQuery>() as u64,
+        query_addr: addr as u64,
+        ..Default::default()
+    };
+    // SAFETY: `q` is a correctly sized and initialised struct procmap_query (checked by
+    // the size assertion above), with no name or build-id buffers (sizes 0, addresses 0).
+    let ret = unsafe { libc::ioctl(maps.as_raw_fd(), PROCMAP_QUERY, &mut q as *mut ProcmapQuery) };
+    match check_int(ret) {
+        Ok(_) => {
+            Ok(Some(QueriedVma { start: q.vma_start, end: q.vma_end, flags: q.vma_flags, page_size: q.vma_page_size }))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads /proc/self/maps into `out` (fault-injectable as the VMA count source).
+pub(crate) fn read_self_maps(out: &mut Vec<u8>) -> io::Result<()> {
+    inject(Syscall::VmaCount)?;
+    read_file(c"/proc/self/maps", out)
+}
+
+/// Reads /proc/sys/vm/max_map_count.
+pub(crate) fn max_map_count() -> io::Result<usize> {
+    let mut buf = Vec::with_capacity(32);
+    read_file(c"/proc/sys/vm/max_map_count", &mut buf)?;
+    std::str::from_utf8(&buf)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable vm.max_map_count"))
+}
+
+/// The id of the calling process.
+pub(crate) fn getpid() -> libc::pid_t {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() }
+}
