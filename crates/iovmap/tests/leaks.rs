@@ -1,0 +1,405 @@
+//! Nothing leaks: every error path, every injected syscall failure, VMA-cap pressure and
+//! concurrent use leave the process's VMA and fd counts (and the registered table) as
+//! they were.
+//!
+//! This binary runs without the libtest harness (`harness = false` in Cargo.toml): the
+//! harness starts a thread per test, and a new thread's stack is a new VMA that would
+//! land in another test's count. Here every check runs in turn on the main thread, after
+//! a warm-up that lets glibc cache what it keeps (thread stacks, arenas, the PROCMAP_QUERY
+//! fd iovmap keeps open).
+//!
+//! `cargo test --test leaks -- <filter>` runs the checks whose name contains `<filter>`.
+
+use std::os::fd::AsFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use iovmap::fault::{Faults, Syscall};
+use iovmap::{Access, Error, MapOptions, Remapper};
+use iovmap_testkit::{self as kit, BpfArray, Counts, GuestRam, IoUringSq, Mapping, PerfRing};
+
+fn page() -> usize {
+    kit::page()
+}
+
+fn main() {
+    let checks: &[(&str, fn())] = &[
+        ("error_paths_leave_nothing_behind", error_paths_leave_nothing_behind),
+        ("registration_errors_leave_nothing_behind", registration_errors_leave_nothing_behind),
+        ("injected_failures_roll_back_at_every_syscall", injected_failures_roll_back_at_every_syscall),
+        ("too_many_runs_are_refused_before_placing", too_many_runs_are_refused_before_placing),
+        ("vma_cap_hit_while_placing_is_rolled_back", vma_cap_hit_while_placing_is_rolled_back),
+        ("threads_share_a_remapper_without_leaks", threads_share_a_remapper_without_leaks),
+    ];
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    warm_up();
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    for (name, check) in checks {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        ran += 1;
+        let ok = catch_unwind(AssertUnwindSafe(check)).is_ok();
+        println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
+        if !ok {
+            failed.push(*name);
+        }
+    }
+    println!("\nleaks: {ran} checks, {} failed", failed.len());
+    if !failed.is_empty() {
+        println!("failed: {failed:?}");
+        std::process::exit(1);
+    }
+}
+
+/// Lets the process reach its steady state: the PROCMAP_QUERY fd, malloc arenas and
+/// cached thread stacks.
+fn warm_up() {
+    let ram = GuestRam::new(16 * page()).unwrap();
+    let mut r = Remapper::new();
+    r.register(ram.ptr(), ram.len(), ram.fd(), 0).unwrap();
+    drop(r.map(&[ram.iov(0, page()), ram.iov(4 * page(), page())]).unwrap());
+    threads_workload(&r, &ram, None, 4, 20);
+}
+
+/// The errno at the bottom of an error, if any.
+fn errno_of(e: &Error) -> Option<i32> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error();
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn regions(r: &Remapper) -> Vec<(usize, usize, u64)> {
+    r.regions().map(|(a, l, o)| (a as usize, l, o)).collect()
+}
+
+/// A list that must fail, and how.
+type ErrorCase<'a> = (&'a str, Vec<libc::iovec>, fn(&Error) -> bool);
+
+fn error_paths_leave_nothing_behind() {
+    let ram = GuestRam::new(32 * page()).unwrap();
+    let private = Mapping::anon_private(4 * page()).unwrap();
+    let dangling = kit::iov(kit::unmapped_address(), page());
+    let ring = PerfRing::new(2).ok();
+    let uring = IoUringSq::new().ok();
+    let ro_map = {
+        use std::os::fd::AsRawFd;
+        let ro = std::fs::File::open(format!("/proc/self/fd/{}", ram.fd().as_raw_fd())).unwrap();
+        Mapping::new(4 * page(), libc::PROT_READ, libc::MAP_SHARED, Some(ro.as_fd()), 0).unwrap()
+    };
+    let mut r = Remapper::new();
+    if let Some(u) = &uring {
+        r.register(u.map.ptr(), u.map.len(), u.fd(), 0).unwrap();
+    }
+    let before = Counts::now();
+    let table = regions(&r);
+    let mut cases: Vec<ErrorCase> = vec![
+        ("empty", vec![ram.iov(0, 0)], |e| matches!(e, Error::Empty)),
+        ("unaligned", vec![ram.iov(0, page()), ram.iov(5 * page(), 10), ram.iov(9 * page(), page())], |e| {
+            matches!(e, Error::Unaligned { index: 1 })
+        }),
+        ("not mapped", vec![ram.iov(0, page()), dangling], |e| matches!(e, Error::NotMapped { index: 1 })),
+        ("private", vec![ram.iov(0, page()), private.iov(0, page())], |e| {
+            matches!(e, Error::NotShareable { index: 1 })
+        }),
+        // The clone of page 0 succeeds, then mprotect refuses: the placed run is undone.
+        ("not writable", vec![ram.iov(0, page()), ro_map.iov(page(), page())], |e| {
+            matches!(e, Error::NotWritable { index: 1 })
+        }),
+    ];
+    if let Some(ring) = &ring {
+        cases.push(("no fallback (perf)", vec![ram.iov(0, page()), ring.map.iov(0, ring.map.len())], |e| {
+            matches!(e, Error::NoFallback { index: 1, .. })
+        }));
+    } else {
+        eprintln!("SKIP part: no perf ring");
+    }
+    if let Some(u) = &uring {
+        cases.push((
+            "no fallback (io_uring fd refuses MAP_FIXED)",
+            vec![ram.iov(0, page()), u.map.iov(0, page())],
+            |e| matches!(e, Error::NoFallback { index: 1, .. }),
+        ));
+    } else {
+        eprintln!("SKIP part: no io_uring");
+    }
+    for (what, list, expected) in &cases {
+        let e = r.map(list).expect_err(what);
+        assert!(expected(&e), "{what}: unexpected error {e:?}");
+        before.assert_unchanged(what);
+        assert_eq!(regions(&r), table, "{what}: registered table changed");
+    }
+}
+
+fn registration_errors_leave_nothing_behind() {
+    let ram = GuestRam::new(16 * page()).unwrap();
+    let private = Mapping::anon_private(4 * page()).unwrap();
+    let gone_ptr = kit::unmapped_address();
+    let mut r = Remapper::new();
+    r.register(ram.ptr(), 8 * page(), ram.fd(), 0).unwrap();
+    let before = Counts::now();
+    let table = regions(&r);
+    let p = page();
+    let bad: Vec<(&str, *const u8, usize, u64, &str)> = vec![
+        ("zero length", ram.ptr(), 0, 0, "length 0"),
+        ("overlap", ram.ptr().wrapping_add(4 * p), 8 * p, 4 * p as u64, "overlaps"),
+        ("file too short", ram.ptr().wrapping_add(8 * p), 8 * p, 16 * p as u64, "shorter"),
+        ("unaligned address", ram.ptr().wrapping_add(8 * p + 1), p, 0, "aligned"),
+        ("unaligned offset", ram.ptr().wrapping_add(8 * p), p, 7, "aligned"),
+        ("unaligned length", ram.ptr().wrapping_add(8 * p), p + 1, 0, "aligned"),
+        ("wraps", usize::MAX as *const u8, 2 * p, 0, "wraps"),
+        ("not mapped", gone_ptr, p, 0, "not mapped"),
+        ("private", private.ptr(), p, 0, "private"),
+    ];
+    for (what, addr, len, off, says) in bad {
+        let e = r.register(addr, len, ram.fd(), off).expect_err(what);
+        assert!(matches!(&e, Error::InvalidRegion { reason } if reason.contains(says)), "{what}: {e}");
+        before.assert_unchanged(what);
+        assert_eq!(regions(&r), table, "{what}: registered table changed");
+    }
+    let e = r.unregister(ram.ptr().wrapping_add(p)).unwrap_err();
+    assert!(e.to_string().contains("no region is registered"), "{e}");
+    // Unregistering closes the duplicated fd.
+    r.unregister(ram.ptr()).unwrap();
+    assert_eq!(kit::count_fds(), before.fds - 1);
+}
+
+/// One scenario of the fault-injection sweep: a remapper, a list, options.
+struct Scenario<'a> {
+    name: &'a str,
+    remapper: &'a Remapper,
+    list: Vec<libc::iovec>,
+    opts: MapOptions,
+}
+
+fn injected_failures_roll_back_at_every_syscall() {
+    let ram = GuestRam::new(64 * page()).unwrap();
+    ram.fill(1);
+    let p = page();
+    let mut mixed = Remapper::new();
+    let mut list = vec![ram.iov(3 * p, 2 * p), ram.iov(10 * p, p), ram.iov(20 * p, 4 * p)];
+    let bpf = BpfArray::new(16).ok();
+    if let Some(a) = &bpf {
+        mixed.register(a.map.ptr(), a.map.len(), a.fd(), 0).unwrap();
+        list.extend([a.map.iov(2 * p, p), a.map.iov(9 * p, 2 * p)]);
+    } else {
+        eprintln!("SKIP part: no BPF array for fd runs");
+    }
+    let ring = PerfRing::new(2).ok();
+    if let Some(ring) = &ring {
+        mixed.register(ring.map.ptr(), ring.map.len(), ring.fd(), 0).unwrap();
+        list.push(ring.map.iov(0, ring.map.len()));
+    }
+    list.push(ram.iov(40 * p, p));
+    let plain = Remapper::new();
+    let mut scenarios = vec![
+        Scenario {
+            name: "mixed, populate",
+            remapper: &mixed,
+            list: list.clone(),
+            opts: MapOptions { populate: true, ..Default::default() },
+        },
+        Scenario {
+            name: "read-only (mprotect)",
+            remapper: &plain,
+            list: vec![ram.iov(0, p), ram.iov(8 * p, 8 * p)],
+            opts: MapOptions { access: Access::ReadOnly, populate: true },
+        },
+        Scenario {
+            name: "many runs (headroom count)",
+            remapper: &plain,
+            list: (0..600).map(|i| ram.iov((i % 32) * 2 * p, p)).collect(),
+            opts: MapOptions::default(),
+        },
+    ];
+    let huge = GuestRam::huge(2 * kit::HUGE_2M);
+    let mut huge_remapper = Remapper::new();
+    match &huge {
+        Ok(h) => {
+            huge_remapper.register(h.ptr(), h.len(), h.fd(), 0).unwrap();
+            scenarios.push(Scenario {
+                name: "hugetlb (trimmed reservation)",
+                remapper: &huge_remapper,
+                list: vec![h.iov(kit::HUGE_2M, kit::HUGE_2M), h.iov(0, 4096)],
+                opts: MapOptions::default(),
+            });
+        }
+        Err(e) => eprintln!("SKIP part: no huge pages for the trim step: {e}"),
+    }
+    let mut injected = 0;
+    let mut reached = std::collections::BTreeSet::new();
+    for s in &scenarios {
+        // A clean run first, so the remapper has learned which regions refuse the clone;
+        // then a counted one: how many times does each syscall happen?
+        drop(s.remapper.map_with(&s.list, &s.opts).unwrap_or_else(|e| panic!("{}: {e}", s.name)));
+        let faults = Faults::new();
+        let view = s.remapper.map_with(&s.list, &s.opts).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        let calls: Vec<(Syscall, usize)> = Syscall::ALL.iter().map(|&sc| (sc, faults.calls(sc))).collect();
+        drop(faults);
+        drop(view);
+        let before = Counts::now();
+        let table = regions(s.remapper);
+        for (sc, n) in calls {
+            for k in 0..n {
+                let faults = Faults::new().fail(sc, k, libc::EIO);
+                let r = s.remapper.map_with(&s.list, &s.opts);
+                assert!(faults.fired(), "{}: {sc:?} #{k} was not reached", s.name);
+                drop(faults);
+                let e = r.expect_err(s.name);
+                assert_eq!(errno_of(&e), Some(libc::EIO), "{}: {sc:?} #{k}: {e:?}", s.name);
+                before.assert_unchanged(&format!("{}: failure at {sc:?} #{k}", s.name));
+                assert_eq!(regions(s.remapper), table);
+                injected += 1;
+                reached.insert(format!("{sc:?}"));
+            }
+        }
+        // And it still works afterwards.
+        drop(s.remapper.map_with(&s.list, &s.opts).unwrap());
+    }
+    println!("  injected {injected} failures across {} scenarios, at {reached:?}", scenarios.len());
+    let mut must = vec!["Reserve", "Clone", "Protect", "Populate", "VmaQuery", "VmaCount"];
+    if bpf.is_some() || ring.is_some() {
+        must.push("FdMap");
+    }
+    if huge.is_ok() {
+        must.push("Trim");
+    }
+    for m in must {
+        assert!(reached.contains(m), "the sweep never failed {m}");
+    }
+}
+
+fn max_map_count() -> usize {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap().trim().parse().unwrap()
+}
+
+fn too_many_runs_are_refused_before_placing() {
+    let max = max_map_count();
+    let pages = 2 * (max + 500);
+    let ram = GuestRam::new(pages * page()).unwrap(); // sparse: never touched
+    let list: Vec<_> = (0..pages / 2).map(|i| ram.iov(2 * i * page(), page())).collect();
+    let before = Counts::now();
+    let faults = Faults::new();
+    let e = iovmap::map(&list).unwrap_err();
+    match e {
+        Error::TooManyMappings { needed, available } => {
+            assert_eq!(needed, max + 500);
+            assert!(available < max && available + before.vmas + 6 >= max - 8, "available {available}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(faults.calls(Syscall::Reserve), 0, "refused before reserving anything");
+    drop(faults);
+    before.assert_unchanged("TooManyMappings");
+    assert!(e_message_mentions_sysctl());
+}
+
+fn e_message_mentions_sysctl() -> bool {
+    Error::TooManyMappings { needed: 2, available: 1 }.to_string().contains("vm.max_map_count")
+}
+
+fn vma_cap_hit_while_placing_is_rolled_back() {
+    // Fill the address space with VMAs until ~100 are left, then map a 300-run view:
+    // small enough not to be counted up front, so the cap is hit while placing.
+    let max = max_map_count();
+    let ram = GuestRam::new(600 * page()).unwrap();
+    let list: Vec<_> = (0..300).map(|i| ram.iov(2 * i * page(), page())).collect();
+    let now = kit::count_vmas();
+    let filler_pages = (max - now - 100) / 2 + 1;
+    let filler =
+        Mapping::new(2 * filler_pages * page(), libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None, 0)
+            .unwrap();
+    for i in 0..filler_pages {
+        // SAFETY: every other page of the filler mapping this test owns: one VMA each.
+        assert_eq!(unsafe { libc::mprotect(filler.ptr().add(2 * i * page()).cast(), page(), libc::PROT_READ) }, 0);
+    }
+    let before = Counts::now();
+    assert!(before.vmas + 300 > max, "the filler did not fill ({} VMAs)", before.vmas);
+    let faults = Faults::new();
+    let e = iovmap::map(&list).unwrap_err();
+    assert!(faults.calls(Syscall::Clone) > 1, "placement started before the cap was hit");
+    drop(faults);
+    assert!(matches!(e, Error::TooManyMappings { needed: 300, .. }), "{e:?}");
+    before.assert_unchanged("cap hit while placing");
+}
+
+/// A small xorshift generator: deterministic lists without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// `threads` threads each build and drop `views` views of random lists over `ram` (and
+/// the BPF array, when given), checking the bytes of one view in ten.
+fn threads_workload(r: &Remapper, ram: &GuestRam, bpf: Option<&BpfArray>, threads: usize, views: usize) -> usize {
+    let p = page();
+    let ram_pages = ram.len() / p;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut rng = Rng(0x9e37_79b9 + t as u64);
+                    let mut checked = 0;
+                    for v in 0..views {
+                        let mut list = Vec::new();
+                        for _ in 0..1 + rng.below(12) {
+                            let run = 1 + rng.below(4);
+                            match bpf {
+                                Some(a) if rng.below(3) == 0 => {
+                                    let start = rng.below(a.map.len() / p - run);
+                                    list.push(a.map.iov(start * p, run * p));
+                                }
+                                _ => list.push(ram.iov(rng.below(ram_pages - run) * p, run * p)),
+                            }
+                        }
+                        let view = r.map(&list).unwrap_or_else(|e| panic!("thread {t} view {v}: {e}"));
+                        if v % 10 == 0 {
+                            // SAFETY: nothing writes the sources during the workload.
+                            let want = unsafe { iovmap_peers::gather(&list) };
+                            // SAFETY: the view is live for len() bytes.
+                            let diff = unsafe { kit::first_difference(view.as_ptr(), want.as_ptr(), want.len()) };
+                            assert_eq!(diff, None, "thread {t} view {v}");
+                            checked += 1;
+                        }
+                    }
+                    checked
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    })
+}
+
+fn threads_share_a_remapper_without_leaks() {
+    let ram = GuestRam::new(256 * page()).unwrap();
+    ram.fill(3);
+    let bpf = BpfArray::new(32).ok();
+    let mut r = Remapper::new();
+    r.register(ram.ptr(), ram.len(), ram.fd(), 0).unwrap();
+    if let Some(a) = &bpf {
+        // SAFETY: the array mapping is writable and not yet shared.
+        unsafe { kit::fill(a.map.ptr(), a.map.len(), 4, 0) };
+        r.register(a.map.ptr(), a.map.len(), a.fd(), 0).unwrap();
+    } else {
+        eprintln!("SKIP part: no BPF array, RAM only");
+    }
+    threads_workload(&r, &ram, bpf.as_ref(), 4, 10); // warm the thread caches
+    let before = Counts::now();
+    let checked = threads_workload(&r, &ram, bpf.as_ref(), 4, 1000);
+    before.assert_unchanged("4 threads x 1,000 views");
+    assert_eq!(checked, 400);
+}

@@ -1,0 +1,443 @@
+//! Views against the real kernel: memfd, shared anonymous, hugetlb, perf ring (VM_PFNMAP),
+//! BPF array (VM_DONTEXPAND), io_uring, private memory; bytes checked both ways.
+//!
+//! Tests that count process-wide VMAs or fds live in `tests/leaks.rs`, a binary of
+//! their own.
+
+use std::os::fd::AsFd;
+
+use iovmap::{Access, Error, MapOptions, Remapper, View};
+use iovmap_testkit::{self as kit, BpfArray, GuestRam, IoUringSq, Mapping, PerfRing, iov, skip};
+
+fn page() -> usize {
+    kit::page()
+}
+
+/// The view's bytes equal the sources' bytes, concatenated.
+#[track_caller]
+fn assert_view_matches(view: &View, iovs: &[libc::iovec]) {
+    // SAFETY: the sources are live test fixtures that nothing writes meanwhile.
+    let want = unsafe { iovmap_peers::gather(iovs) };
+    assert_eq!(view.len(), want.len());
+    // SAFETY: the view is live and readable for len() bytes.
+    let diff = unsafe { kit::first_difference(view.as_ptr(), want.as_ptr(), want.len()) };
+    assert_eq!(diff, None, "view differs from its sources at byte {diff:?}");
+}
+
+fn read(view: &View, at: usize) -> u8 {
+    assert!(at < view.len());
+    // SAFETY: in bounds of a live view.
+    unsafe { view.as_ptr().add(at).read_volatile() }
+}
+
+fn write(view: &View, at: usize, v: u8) {
+    assert!(at < view.len());
+    // SAFETY: in bounds of a live writable view.
+    unsafe { view.as_ptr().add(at).write_volatile(v) }
+}
+
+#[test]
+fn memfd_scatter_list_aliases_both_ways() {
+    let ram = GuestRam::new(64 * page()).unwrap();
+    ram.fill(1);
+    let p = page();
+    // Pages 7-9 are adjacent (one run), then 3, a zero-length entry, 20-21 and 0.
+    let list = [
+        ram.iov(7 * p, p),
+        ram.iov(8 * p, p),
+        ram.iov(9 * p, p),
+        ram.iov(3 * p, p),
+        ram.iov(40 * p, 0),
+        ram.iov(20 * p, 2 * p),
+        ram.iov(0, p),
+    ];
+    let view = iovmap::map(&list).unwrap();
+    let s = view.stats();
+    assert_eq!((s.segments, s.runs, s.cloned, s.fd_mapped, s.syscalls), (6, 4, 4, 0, 4));
+    assert_view_matches(&view, &list);
+    // Writes through the view land in guest RAM, and the other way round.
+    write(&view, 10, 0xa1); // page 7
+    assert_eq!(ram.read(7 * p + 10), 0xa1);
+    write(&view, 3 * p + 5, 0xa2); // page 3
+    assert_eq!(ram.read(3 * p + 5), 0xa2);
+    ram.write(21 * p + 7, 0xa3);
+    assert_eq!(read(&view, 5 * p + 7), 0xa3);
+    drop(view);
+    // The source is untouched by the drop.
+    assert_eq!(ram.read(7 * p + 10), 0xa1);
+}
+
+#[test]
+fn shared_anonymous_memory_needs_no_registration() {
+    let m = Mapping::anon_shared(16 * page()).unwrap();
+    // SAFETY: fresh writable mapping.
+    unsafe { kit::fill(m.ptr(), m.len(), 2, 0) };
+    let list = [m.iov(5 * page(), 3 * page()), m.iov(0, page())];
+    let view = Remapper::new().map(&list).unwrap();
+    assert_eq!(view.stats().runs, 2);
+    assert_view_matches(&view, &list);
+    write(&view, 3 * page(), 0x55);
+    // SAFETY: in bounds of the fixture.
+    assert_eq!(unsafe { m.ptr().read_volatile() }, 0x55);
+}
+
+#[test]
+fn adjacent_pages_of_one_mapping_are_one_run() {
+    let ram = GuestRam::new(4096 * page()).unwrap();
+    let list: Vec<_> = (0..4096).map(|i| ram.iov(i * page(), page())).collect();
+    let view = iovmap::map(&list).unwrap();
+    assert_eq!(view.stats().runs, 1);
+    assert_eq!(view.stats().syscalls, 1);
+    assert_eq!(view.len(), ram.len());
+}
+
+#[test]
+fn first_segment_may_start_and_last_may_end_mid_page() {
+    let ram = GuestRam::new(8 * page()).unwrap();
+    ram.fill(3);
+    let list = [ram.iov(page() + 123, page() - 123), ram.iov(5 * page(), 77)];
+    let view = iovmap::map(&list).unwrap();
+    assert_eq!(view.len(), page() - 123 + 77);
+    assert_eq!(view.as_ptr() as usize % page(), 123);
+    assert_view_matches(&view, &list);
+}
+
+#[test]
+fn a_segment_spanning_two_mappings_gets_both_right() {
+    let p = page();
+    // Two memfds; A is two pages long so that an over-long clone of A's page would show
+    // A's second page (the kernel's trap) instead of B's first.
+    let a = kit::memfd("a", 0).unwrap();
+    a.set_len(2 * p as u64).unwrap();
+    let b = kit::memfd("b", 0).unwrap();
+    b.set_len(p as u64).unwrap();
+    let hole = Mapping::new(2 * p, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None, 0).unwrap();
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: both MAP_FIXED calls land inside `hole`, which this test owns.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        assert_eq!(
+            libc::mmap(hole.ptr().cast(), p, rw, libc::MAP_SHARED | libc::MAP_FIXED, a.as_raw_fd(), 0),
+            hole.ptr().cast()
+        );
+        let second = hole.ptr().add(p).cast();
+        assert_eq!(libc::mmap(second, p, rw, libc::MAP_SHARED | libc::MAP_FIXED, b.as_raw_fd(), 0), second);
+        kit::fill(hole.ptr(), 2 * p, 4, 0);
+    }
+    // A's page 1 holds something else entirely.
+    use std::os::unix::fs::FileExt;
+    a.write_all_at(&vec![0xee; p], p as u64).unwrap();
+    let list = [hole.iov(100, 2 * p - 200)];
+    let view = iovmap::map(&list).unwrap();
+    assert_eq!(view.stats().runs, 2, "split at the boundary between the two mappings");
+    assert_view_matches(&view, &list);
+    assert_ne!(read(&view, p), 0xee);
+}
+
+#[test]
+fn unaligned_interior_boundary_is_refused_with_its_index() {
+    let ram = GuestRam::new(8 * page()).unwrap();
+    let list = [ram.iov(0, page()), ram.iov(3 * page(), 100), ram.iov(6 * page(), page())];
+    let e = iovmap::map(&list).unwrap_err();
+    assert!(matches!(e, Error::Unaligned { index: 1 }), "{e:?}");
+    assert!(e.to_string().contains("segment 1"), "{e}");
+}
+
+#[test]
+fn private_memory_is_not_shareable() {
+    let ram = GuestRam::new(4 * page()).unwrap();
+    let anon = Mapping::anon_private(4 * page()).unwrap();
+    let e = iovmap::map(&[ram.iov(0, page()), anon.iov(0, page())]).unwrap_err();
+    assert!(matches!(e, Error::NotShareable { index: 1 }), "{e:?}");
+    assert!(e.to_string().contains("memfd"), "{e}");
+    let (file, private) = kit::file_private(4 * page()).unwrap();
+    // Even with its file registered, a private mapping is refused (never fall back: the
+    // fd would not show its copied-on-write pages).
+    let mut r = Remapper::new();
+    assert!(matches!(r.register(private.ptr(), private.len(), file.as_fd(), 0), Err(Error::InvalidRegion { .. })));
+    let e = r.map(&[private.iov(page(), page())]).unwrap_err();
+    assert!(matches!(e, Error::NotShareable { index: 0 }), "{e:?}");
+}
+
+#[test]
+fn unmapped_and_empty_lists_are_refused() {
+    let ram = GuestRam::new(4 * page()).unwrap();
+    let dangling = iov(kit::unmapped_address(), page());
+    let e = iovmap::map(&[ram.iov(0, page()), dangling]).unwrap_err();
+    assert!(matches!(e, Error::NotMapped { index: 1 }), "{e:?}");
+    assert!(matches!(iovmap::map(&[]), Err(Error::Empty)));
+    assert!(matches!(iovmap::map(&[ram.iov(0, 0), ram.iov(page(), 0)]), Err(Error::Empty)));
+}
+
+#[test]
+fn perf_ring_falls_back_to_its_fd_and_remembers() {
+    let ring = match PerfRing::new(4) {
+        Ok(r) => r,
+        Err(e) => skip!("no perf ring: {e}"),
+    };
+    let flags = kit::vma_flags(ring.map.ptr()).unwrap_or_default();
+    assert!(flags.contains("pf") && flags.contains("de"), "perf ring VmFlags: {flags}");
+    let ram = GuestRam::new(8 * page()).unwrap();
+    ram.fill(5);
+    // The control page (page 0) has room the kernel leaves alone from offset 512 on.
+    // SAFETY: page 0 of the ring is writable.
+    unsafe { kit::fill(ring.map.ptr().add(512), 256, 6, 0) };
+    let whole = ring.map.iov(0, ring.map.len());
+
+    // Unregistered: the clone is refused (EFAULT) and nothing can stand in.
+    let e = iovmap::map(&[ram.iov(0, page()), whole]).unwrap_err();
+    match &e {
+        Error::NoFallback { index: 1, source } => assert_eq!(source.raw_os_error(), Some(libc::EFAULT)),
+        other => panic!("{other:?}"),
+    }
+
+    let mut r = Remapper::new();
+    r.register(ring.map.ptr(), ring.map.len(), ring.fd(), 0).unwrap();
+    // RAM, the whole ring as two segments (one run), RAM.
+    let list = [
+        ram.iov(2 * page(), page()),
+        ring.map.iov(0, page()),
+        ring.map.iov(page(), ring.map.len() - page()),
+        ram.iov(5 * page(), page()),
+    ];
+    let view = r.map(&list).unwrap();
+    let s = view.stats().clone();
+    assert_eq!((s.segments, s.runs, s.cloned, s.fd_mapped), (4, 3, 2, 1));
+    assert_eq!(s.syscalls, 4, "two clones, one refused clone, one fd map");
+    assert_view_matches(&view, &list);
+    // Aliases both ways through the control page.
+    write(&view, page() + 600, 0x5a);
+    // SAFETY: in bounds of the ring.
+    assert_eq!(unsafe { ring.map.ptr().add(600).read_volatile() }, 0x5a);
+    // SAFETY: page 0 of the ring is writable.
+    unsafe { ring.map.ptr().add(700).write_volatile(0x6b) };
+    assert_eq!(read(&view, page() + 700), 0x6b);
+    drop(view);
+
+    // The refusal is remembered: the next view reaches the fd in one syscall.
+    let view = r.map(&list[1..3]).unwrap();
+    assert_eq!((view.stats().fd_mapped, view.stats().syscalls), (1, 1));
+    assert_view_matches(&view, &list[1..3]);
+}
+
+#[test]
+fn bpf_array_gives_scattered_partial_fallback_runs() {
+    let arr = match BpfArray::new(64) {
+        Ok(a) => a,
+        Err(e) => skip!("no BPF mmapable array: {e}"),
+    };
+    let flags = kit::vma_flags(arr.map.ptr()).unwrap_or_default();
+    assert!(flags.contains("de"), "BPF array VmFlags: {flags}");
+    // SAFETY: the array mapping is writable.
+    unsafe { kit::fill(arr.map.ptr(), arr.map.len(), 7, 0) };
+    let p = page();
+    let mut r = Remapper::new();
+    r.register(arr.map.ptr(), arr.map.len(), arr.fd(), 0).unwrap();
+    // Runs: 5-7, 20, 40-41, 2.
+    let list = [
+        arr.map.iov(5 * p, 3 * p),
+        arr.map.iov(20 * p, p),
+        arr.map.iov(40 * p, p),
+        arr.map.iov(41 * p, p),
+        arr.map.iov(2 * p, p),
+    ];
+    let view = r.map(&list).unwrap();
+    let s = view.stats();
+    assert_eq!((s.segments, s.runs, s.cloned, s.fd_mapped), (5, 4, 0, 4));
+    assert_eq!(s.syscalls, 5, "one refused clone, then one fd map per run");
+    assert_view_matches(&view, &list);
+    write(&view, 3 * p + 9, 0x77); // array page 20
+    // SAFETY: in bounds of the array.
+    assert_eq!(unsafe { arr.map.ptr().add(20 * p + 9).read_volatile() }, 0x77);
+}
+
+#[test]
+fn hugetlb_ram_is_mapped_from_its_fd_huge_aligned() {
+    let huge = match GuestRam::huge(4 * kit::HUGE_2M) {
+        Ok(h) => h,
+        Err(e) => skip!("no huge pages: {e}"),
+    };
+    huge.fill(8);
+    let h = kit::HUGE_2M;
+    let ram = GuestRam::new(2 * h).unwrap();
+    ram.fill(9);
+
+    // Unregistered: refused (EINVAL), nowhere to fall back to.
+    let e = iovmap::map(&[huge.iov(0, h)]).unwrap_err();
+    match &e {
+        Error::NoFallback { index: 0, source } => assert_eq!(source.raw_os_error(), Some(libc::EINVAL)),
+        other => panic!("{other:?}"),
+    }
+
+    let mut r = Remapper::new();
+    r.register(huge.ptr(), huge.len(), huge.fd(), 0).unwrap();
+    // 2 MiB of 4 KiB pages, huge page 3, huge page 1 (mid-page end), all in one view.
+    let list = [ram.iov(0, h), huge.iov(3 * h, h), huge.iov(h, h / 2)];
+    let view = r.map(&list).unwrap();
+    let s = view.stats();
+    assert_eq!((s.runs, s.cloned, s.fd_mapped, s.syscalls), (3, 1, 2, 4));
+    assert_eq!(view.as_ptr() as usize % h, 0, "the reservation is 2 MiB aligned");
+    assert_view_matches(&view, &list);
+    write(&view, h + 42, 0x99);
+    assert_eq!(huge.read(3 * h + 42), 0x99);
+
+    // One 4 KiB page before a huge run cannot keep it aligned.
+    let e = r.map(&[ram.iov(0, page()), huge.iov(0, h)]).unwrap_err();
+    assert!(matches!(e, Error::Unaligned { index: 1 }), "{e:?}");
+    // A huge run may start mid-page: the view starts inside its first huge page.
+    let view = r.map(&[huge.iov(2 * h + 4096, 8192)]).unwrap();
+    assert_eq!(view.as_ptr() as usize % h, 4096);
+    assert_view_matches(&view, &[huge.iov(2 * h + 4096, 8192)]);
+}
+
+#[test]
+fn io_uring_ring_has_no_way_in() {
+    let ring = match IoUringSq::new() {
+        Ok(r) => r,
+        Err(e) => skip!("no io_uring: {e}"),
+    };
+    let list = [ring.map.iov(0, page())];
+    let e = iovmap::map(&list).unwrap_err();
+    assert!(matches!(e, Error::NoFallback { index: 0, .. }), "{e:?}");
+    // Registered, its fd refuses MAP_FIXED: still no fallback, and the error says so.
+    let mut r = Remapper::new();
+    r.register(ring.map.ptr(), ring.map.len(), ring.fd(), 0).unwrap();
+    let e = r.map(&list).unwrap_err();
+    match &e {
+        Error::NoFallback { index: 0, source } => assert_eq!(source.raw_os_error(), Some(libc::EINVAL)),
+        other => panic!("{other:?}"),
+    }
+    assert!(e.to_string().contains("register"), "{e}");
+}
+
+#[test]
+fn read_only_view_faults_on_write() {
+    let ram = GuestRam::new(4 * page()).unwrap();
+    ram.fill(10);
+    let list = [ram.iov(page(), 2 * page())];
+    let view = Remapper::new().map_with(&list, &MapOptions { access: Access::ReadOnly, populate: false }).unwrap();
+    assert_view_matches(&view, &list);
+    let target = view.as_ptr() as usize + 100;
+    // SAFETY: the child only performs a volatile store and _exit, both async-signal-safe.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: a write to a PROT_READ page: the point of the test is that it faults.
+        unsafe {
+            (target as *mut u8).write_volatile(1);
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child forked above.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFSIGNALED(status), "the write did not fault (status {status:#x})");
+    assert_eq!(libc::WTERMSIG(status), libc::SIGSEGV);
+    assert_eq!(ram.read(page() + 100), kit::pattern(10, page() + 100), "nothing was written");
+}
+
+#[test]
+fn read_only_backing_refuses_a_writable_view() {
+    use std::os::fd::AsRawFd;
+    let ram = GuestRam::new(4 * page()).unwrap();
+    // A read-only fd of the same memfd, and a shared read-only mapping of it.
+    let ro = std::fs::File::open(format!("/proc/self/fd/{}", ram.fd().as_raw_fd())).unwrap();
+    let map = Mapping::new(4 * page(), libc::PROT_READ, libc::MAP_SHARED, Some(ro.as_fd()), 0).unwrap();
+    let list = [map.iov(page(), page())];
+    let e = iovmap::map(&list).unwrap_err();
+    assert!(matches!(e, Error::NotWritable { index: 0 }), "{e:?}");
+    assert!(e.to_string().contains("ReadOnly"), "{e}");
+    let view =
+        iovmap::Remapper::new().map_with(&list, &MapOptions { access: Access::ReadOnly, populate: false }).unwrap();
+    assert_view_matches(&view, &list);
+}
+
+#[test]
+fn write_sealed_memfd_refuses_a_writable_view() {
+    use std::os::fd::AsRawFd;
+    let file = kit::memfd("sealed", libc::MFD_ALLOW_SEALING).unwrap();
+    file.set_len(4 * page() as u64).unwrap();
+    // Seal first: a shared mapping that could become writable would make the seal fail.
+    // SAFETY: fcntl on a live fd.
+    assert_eq!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) }, 0);
+    let map = Mapping::new(4 * page(), libc::PROT_READ, libc::MAP_SHARED, Some(file.as_fd()), 0).unwrap();
+    let mut r = Remapper::new();
+    r.register(map.ptr(), map.len(), file.as_fd(), 0).unwrap();
+    let e = r.map(&[map.iov(0, page())]).unwrap_err();
+    assert!(matches!(e, Error::NotWritable { index: 0 }), "{e:?}");
+    let view = r.map_with(&[map.iov(0, page())], &MapOptions { access: Access::ReadOnly, populate: false }).unwrap();
+    assert_eq!(view.len(), page());
+}
+
+/// Resident bytes of the mappings inside `range`, from /proc/self/smaps.
+fn resident(range: std::ops::Range<usize>) -> usize {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    let mut kb = 0;
+    for line in smaps.lines() {
+        if let Some((r, _)) = line.split_once(' ') {
+            if let Some((s, e)) = r.split_once('-') {
+                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) {
+                    inside = s >= range.start && e <= range.end;
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("Rss:") {
+                kb += v.trim().trim_end_matches("kB").trim().parse::<usize>().unwrap();
+            }
+        }
+    }
+    kb * 1024
+}
+
+#[test]
+fn populate_prefaults_ram_runs_and_skips_device_runs() {
+    let ram = GuestRam::new(64 * page()).unwrap();
+    ram.fill(11);
+    let list = [ram.iov(0, 16 * page()), ram.iov(32 * page(), 16 * page())];
+    let lazy = iovmap::map(&list).unwrap();
+    assert_eq!(resident(lazy.mapped_range()), 0, "a fresh clone has no pages mapped");
+    let opts = MapOptions { populate: true, ..MapOptions::default() };
+    let eager = Remapper::new().map_with(&list, &opts).unwrap();
+    assert_eq!(resident(eager.mapped_range()), 32 * page());
+    assert_view_matches(&eager, &list);
+
+    // With a device run in the middle, populate skips it instead of failing.
+    let Ok(ring) = PerfRing::new(2) else { skip!("no perf ring for the device half") };
+    let mut r = Remapper::new();
+    r.register(ring.map.ptr(), ring.map.len(), ring.fd(), 0).unwrap();
+    let list = [ram.iov(0, 4 * page()), ring.map.iov(0, ring.map.len()), ram.iov(8 * page(), 4 * page())];
+    let view = r.map_with(&list, &opts).unwrap();
+    assert_eq!(view.stats().fd_mapped, 1);
+    assert_view_matches(&view, &list);
+}
+
+#[test]
+fn views_outlive_the_source_mapping() {
+    let ram = GuestRam::new(8 * page()).unwrap();
+    ram.fill(12);
+    // SAFETY: reading the fixture before it goes away.
+    let want = unsafe { iovmap_peers::gather(&[ram.iov(2 * page(), 3 * page())]) };
+    let view = iovmap::map(&[ram.iov(2 * page(), 3 * page())]).unwrap();
+    drop(ram); // unmaps guest RAM and closes the memfd
+    // SAFETY: the view is live.
+    let diff = unsafe { kit::first_difference(view.as_ptr(), want.as_ptr(), want.len()) };
+    assert_eq!(diff, None, "the view holds the file");
+    write(&view, 0, 1);
+    assert_eq!(read(&view, 0), 1);
+}
+
+#[test]
+fn views_and_remappers_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Remapper>();
+    send_sync::<View>();
+    let ram = GuestRam::new(16 * page()).unwrap();
+    ram.fill(13);
+    let list = [ram.iov(4 * page(), page())];
+    let view = iovmap::map(&list).unwrap();
+    let first = std::thread::scope(|s| s.spawn(|| read(&view, 0)).join().unwrap());
+    assert_eq!(first, kit::pattern(13, 4 * page()));
+}
