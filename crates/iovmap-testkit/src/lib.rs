@@ -16,6 +16,7 @@ use memmap2::{MmapOptions, MmapRaw};
 
 mod counts;
 mod kernel_objects;
+pub mod workloads;
 
 pub use counts::{Counts, count_fds, count_vmas, process_lock, vma_flags};
 pub use kernel_objects::{BpfArray, IoUringSq, PerfRing};
@@ -65,21 +66,38 @@ pub fn iov(ptr: *const u8, len: usize) -> libc::iovec {
 /// The deterministic byte a fixture filled with `seed` holds at `offset`.
 #[inline]
 pub fn pattern(seed: u64, offset: usize) -> u8 {
-    let x = (offset as u64 >> 3).wrapping_add(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    let h = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
-    (h >> (8 * (offset as u64 & 7))) as u8
+    (pattern_word(seed, offset & !7) >> (8 * (offset & 7))) as u8
 }
 
-/// Fills `len` bytes at `ptr` with `pattern(seed, base_offset + i)`.
+/// Fills `len` bytes at `ptr` with `pattern(seed, base_offset + i)`, a word at a time
+/// where it can (the demo fills a GiB).
 ///
 /// # Safety
 /// `[ptr, ptr + len)` must be writable memory that nothing else accesses meanwhile.
 pub unsafe fn fill(ptr: *mut u8, len: usize, seed: u64, base_offset: usize) {
     // SAFETY: forwarded to the caller's contract.
     let s = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-    for (i, b) in s.iter_mut().enumerate() {
-        *b = pattern(seed, base_offset + i);
+    let mut i = 0;
+    // Bytes until the fill offset is a multiple of 8, then whole words, then the tail.
+    while i < len && (base_offset + i) % 8 != 0 {
+        s[i] = pattern(seed, base_offset + i);
+        i += 1;
     }
+    let words = (len - i) / 8;
+    for (w, chunk) in s[i..i + 8 * words].chunks_exact_mut(8).enumerate() {
+        chunk.copy_from_slice(&pattern_word(seed, base_offset + i + 8 * w).to_le_bytes());
+    }
+    let tail = i + 8 * words;
+    for (j, b) in s[tail..].iter_mut().enumerate() {
+        *b = pattern(seed, base_offset + tail + j);
+    }
+}
+
+/// The 8 pattern bytes at `offset` (a multiple of 8), as a little-endian word.
+#[inline]
+fn pattern_word(seed: u64, offset: usize) -> u64 {
+    let x = (offset as u64 >> 3).wrapping_add(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
 /// Compares `len` bytes at `a` and `b`; returns the first offset that differs.
@@ -255,8 +273,11 @@ impl GuestRam {
         iov(self.ptr().wrapping_add(off), len)
     }
 
-    /// Fills the whole RAM with `pattern(seed, offset)`.
+    /// Fills the whole RAM with `pattern(seed, offset)`. The pages are allocated in one
+    /// MADV_POPULATE_WRITE first, which is several times faster than a fault per page.
     pub fn fill(&self, seed: u64) {
+        // SAFETY: prefaulting our own mapping changes no contents.
+        unsafe { libc::madvise(self.ptr().cast(), self.len(), libc::MADV_POPULATE_WRITE) };
         // SAFETY: the mapping is ours and writable; callers fill before sharing it.
         unsafe { fill(self.ptr(), self.len(), seed, 0) }
     }
@@ -295,4 +316,18 @@ pub fn file_private(len: usize) -> io::Result<(File, Mapping)> {
 /// Duplicates an fd as an `OwnedFd`.
 pub fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     fd.try_clone_to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn word_fill_matches_the_byte_pattern() {
+        let mut buf = vec![0u8; 100];
+        // SAFETY: a local buffer.
+        unsafe { super::fill(buf.as_mut_ptr().add(3), 90, 5, 13) };
+        for (i, b) in buf[3..93].iter().enumerate() {
+            assert_eq!(*b, super::pattern(5, 13 + i));
+        }
+        assert_eq!((buf[2], buf[93]), (0, 0));
+    }
 }

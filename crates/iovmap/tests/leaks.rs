@@ -15,6 +15,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use iovmap::fault::{Faults, Syscall};
 use iovmap::{Access, Error, MapOptions, Remapper};
+use iovmap_testkit::workloads::Rng;
 use iovmap_testkit::{self as kit, BpfArray, Counts, GuestRam, IoUringSq, Mapping, PerfRing};
 
 fn page() -> usize {
@@ -328,21 +329,6 @@ fn vma_cap_hit_while_placing_is_rolled_back() {
     before.assert_unchanged("cap hit while placing");
 }
 
-/// A small xorshift generator: deterministic lists without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// `threads` threads each build and drop `views` views of random lists over `ram` (and
 /// the BPF array, when given), checking the bytes of one view in ten.
 fn threads_workload(r: &Remapper, ram: &GuestRam, bpf: Option<&BpfArray>, threads: usize, views: usize) -> usize {
@@ -352,7 +338,7 @@ fn threads_workload(r: &Remapper, ram: &GuestRam, bpf: Option<&BpfArray>, thread
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
-                    let mut rng = Rng(0x9e37_79b9 + t as u64);
+                    let mut rng = Rng::new(0x9e37_79b9 + t as u64);
                     let mut checked = 0;
                     for v in 0..views {
                         let mut list = Vec::new();
