@@ -69,12 +69,34 @@ pub struct Faults {
 
 impl Faults {
     /// Starts counting this thread's syscalls; nothing fails yet.
+    ///
+    /// ```
+    /// use iovmap::fault::{Faults, Syscall};
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) };
+    /// # let iov = [libc::iovec { iov_base: ram, iov_len: page }];
+    /// let faults = Faults::new();
+    /// drop(iovmap::map(&iov)?);
+    /// assert_eq!((faults.calls(Syscall::Reserve), faults.calls(Syscall::Clone)), (1, 1));
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
     pub fn new() -> Self {
         STATE.with(|s| *s.borrow_mut() = Some(State::default()));
         Faults { _thread: std::marker::PhantomData }
     }
 
     /// Makes the `nth` (0-based, counted from now) call of `syscall` fail with `errno`.
+    ///
+    /// ```
+    /// use iovmap::fault::{Faults, Syscall};
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) };
+    /// # let iov = [libc::iovec { iov_base: ram, iov_len: page }];
+    /// let faults = Faults::new().fail(Syscall::Clone, 0, libc::EIO);
+    /// assert!(iovmap::map(&iov).is_err());
+    /// ```
     pub fn fail(self, syscall: Syscall, nth: usize, errno: i32) -> Self {
         STATE.with(|s| {
             if let Some(state) = s.borrow_mut().as_mut() {
@@ -88,11 +110,23 @@ impl Faults {
 
     /// How many times `syscall` was attempted since the guard was armed (or since
     /// [`Faults::fail`]), the failed attempt included.
+    ///
+    /// ```
+    /// # use iovmap::fault::{Faults, Syscall};
+    /// let faults = Faults::new();
+    /// assert_eq!(faults.calls(Syscall::Populate), 0);
+    /// ```
     pub fn calls(&self, syscall: Syscall) -> usize {
         STATE.with(|s| s.borrow().as_ref().map_or(0, |st| st.calls[slot(syscall)]))
     }
 
     /// Whether the chosen failure has been injected.
+    ///
+    /// ```
+    /// # use iovmap::fault::{Faults, Syscall};
+    /// let faults = Faults::new().fail(Syscall::Protect, 0, libc::EIO);
+    /// assert!(!faults.fired()); // nothing has been mapped yet
+    /// ```
     pub fn fired(&self) -> bool {
         STATE.with(|s| s.borrow().as_ref().is_some_and(|st| st.fired))
     }

@@ -68,6 +68,11 @@ pub mod maps {
     pub use crate::vma::{format_maps_line, parse_maps, parse_maps_line};
 }
 
+// The README's example is compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeExample;
+
 /// The base page size of this machine.
 ///
 /// ```

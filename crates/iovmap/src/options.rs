@@ -1,6 +1,13 @@
 //! How a view is mapped.
 
 /// What the caller may do through a view.
+///
+/// ```
+/// use iovmap::{Access, MapOptions};
+/// assert_eq!(Access::default(), Access::ReadWrite);
+/// let scanout = MapOptions { access: Access::ReadOnly, ..MapOptions::default() };
+/// # let _ = scanout;
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Access {
     /// Readable and writable; every run's backing must accept writes.

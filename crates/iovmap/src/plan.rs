@@ -30,6 +30,19 @@ pub use crate::regions::{FileId, RegionSpan};
 pub use crate::vma::{Vma, VmaSource};
 
 /// Where a run can be mapped from when the clone is not possible or refused.
+///
+/// ```
+/// use iovmap::plan::{plan, FdSource, FileId, RegionSpan, Vma};
+/// let rw = libc::PROT_READ | libc::PROT_WRITE;
+/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000 }];
+/// // The mapping is file 7 from offset 0x100000, registered.
+/// let regions = [RegionSpan { start: 0x10000, end: 0x20000, offset: 0x100000,
+///                             file: FileId { dev: 1, ino: 7 }, page_size: 0x1000 }];
+/// let iov = [libc::iovec { iov_base: 0x13000 as *mut _, iov_len: 0x1000 }];
+/// let p = plan(&iov, &mut vmas[..], &regions, 0x1000)?;
+/// assert_eq!(p.runs[0].fd, Some(FdSource { region: 0, offset: 0x103000 }));
+/// # Ok::<(), iovmap::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FdSource {
     /// Index of the registered region (in the span table given to [`plan`]).
@@ -39,6 +52,19 @@ pub struct FdSource {
 }
 
 /// One mapping operation of a view: a page-aligned stretch of one backing.
+///
+/// ```
+/// use iovmap::plan::{plan, Vma};
+/// let rw = libc::PROT_READ | libc::PROT_WRITE;
+/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000 }];
+/// let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+/// // Two pages of the same mapping in a row: one run, cloned from 0x14000.
+/// let p = plan(&[iov(0x14000, 0x1000), iov(0x15000, 0x1000)], &mut vmas[..], &[], 0x1000)?;
+/// let run = p.runs[0];
+/// assert_eq!((run.src, run.len, run.dst, run.clone), (0x14000, 0x2000, 0, true));
+/// assert_eq!((run.first, run.last), (0, 1));
+/// # Ok::<(), iovmap::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Run {
     /// Offset of the run's first byte from the start of the reservation.
@@ -63,6 +89,17 @@ pub struct Run {
 }
 
 /// Everything needed to build a view, decided before anything is mapped.
+///
+/// ```
+/// use iovmap::plan::{plan, Vma};
+/// let rw = libc::PROT_READ | libc::PROT_WRITE;
+/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000 }];
+/// let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+/// // Starts 0x80 bytes into a page, ends mid-page: one page mapped, 0x100 bytes viewed.
+/// let p = plan(&[iov(0x12080, 0x100)], &mut vmas[..], &[], 0x1000)?;
+/// assert_eq!((p.lead, p.len, p.map_len, p.align, p.segments), (0x80, 0x100, 0x1000, 0x1000, 1));
+/// # Ok::<(), iovmap::Error>(())
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// The runs, in view order.
@@ -91,6 +128,9 @@ struct Open {
     off_end: u64,
     /// End of the VMA and region (or gap) of the last piece: the run may not map past it.
     limit: usize,
+    /// Bytes the run maps so far, from `run.src`. Not `src_end - run.src`: a run
+    /// coalesced by file offset may hop between address ranges.
+    mapped: usize,
 }
 
 struct Planner<'a, V: ?Sized> {
@@ -109,6 +149,15 @@ struct Planner<'a, V: ?Sized> {
 ///
 /// `vmas` answers which mapping covers an address; `regions` is the registered table,
 /// sorted by address and non-overlapping; `base_page` is the system page size.
+///
+/// ```
+/// use iovmap::plan::{plan, Vma};
+/// let rw = libc::PROT_READ | libc::PROT_WRITE;
+/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000 }];
+/// let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+/// let e = plan(&[iov(0x30000, 0x1000)], &mut vmas[..], &[], 0x1000).unwrap_err();
+/// assert!(matches!(e, iovmap::Error::NotMapped { index: 0 }));
+/// ```
 ///
 /// # Errors
 /// [`Error::Empty`], [`Error::TooLarge`], [`Error::NotMapped`], [`Error::NotShareable`],
@@ -180,6 +229,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
                 let grown = cursor - open.src_end;
                 open.src_end = cursor;
                 open.off_end += grown as u64;
+                open.mapped += grown;
             }
         }
     }
@@ -225,6 +275,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
                 }
                 open.run.last = index;
                 open.off_end = offset.map_or(0, |o| o + (piece_end - at) as u64);
+                open.mapped += piece_end - at;
                 open.src_end = piece_end;
                 open.vma_start = vma.start;
                 open.limit = window;
@@ -271,6 +322,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
             vma_start: vma.start,
             off_end: offset.map_or(0, |o| o + (piece_end - at) as u64),
             limit: window,
+            mapped: piece_end - src,
         });
         Ok((piece_end, window))
     }
@@ -282,7 +334,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         if !is_aligned(open.src_end, run.page_size) {
             return Err(Error::Unaligned { index: run.last });
         }
-        run.len = open.src_end - run.src;
+        run.len = open.mapped;
         self.runs.push(run);
         Ok(Some(run))
     }
@@ -295,7 +347,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         if end > open.limit {
             return Err(Error::Unaligned { index: run.last });
         }
-        run.len = end - run.src;
+        run.len = open.mapped + (end - open.src_end);
         run.dst.checked_add(run.len).ok_or(Error::TooLarge)?;
         self.runs.push(run);
         Ok(())
@@ -433,6 +485,7 @@ mod tests {
         assert_eq!(p.runs.len(), 1);
         assert!(!p.runs[0].clone);
         assert_eq!(p.runs[0].fd, Some(FdSource { region: 0, offset: 0x3000 }));
+        assert_eq!((p.runs[0].len, p.map_len, p.len), (2 * P, 2 * P, 2 * P));
         // Different files never coalesce.
         let regions = [span(0x10000, 0x14000, 0, 3), span(0x40000, 0x44000, 0x4000, 4)];
         assert_eq!(run_plan(&[iov(0x13000, P), iov(0x40000, P)], &vmas, &regions).unwrap().runs.len(), 2);

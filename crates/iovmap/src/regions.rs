@@ -6,6 +6,11 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 /// Which file a region maps: runs of two regions on the same file at contiguous offsets
 /// can be placed by one fd mapping.
+///
+/// ```
+/// use iovmap::plan::FileId;
+/// assert_ne!(FileId { dev: 1, ino: 2 }, FileId { dev: 1, ino: 3 });
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FileId {
     /// `st_dev` of the file.
@@ -15,6 +20,13 @@ pub struct FileId {
 }
 
 /// What the planner knows of a registered region: pure data, no fd.
+///
+/// ```
+/// use iovmap::plan::{FileId, RegionSpan};
+/// let bar = RegionSpan { start: 0x7000_0000, end: 0x7100_0000, offset: 0x200_0000_0000,
+///                        file: FileId::default(), page_size: 4096 };
+/// assert_eq!(bar.offset_of(0x7000_3000), 0x200_0000_3000);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegionSpan {
     /// Host address of the region's first byte (page aligned).
@@ -31,6 +43,12 @@ pub struct RegionSpan {
 
 impl RegionSpan {
     /// The file offset of host address `addr`, which must lie in the region.
+    ///
+    /// ```
+    /// # use iovmap::plan::{FileId, RegionSpan};
+    /// let r = RegionSpan { start: 0x1000, end: 0x5000, offset: 0x10000, file: FileId::default(), page_size: 4096 };
+    /// assert_eq!(r.offset_of(0x1800), 0x10800);
+    /// ```
     #[inline]
     pub fn offset_of(&self, addr: usize) -> u64 {
         self.offset + (addr - self.start) as u64

@@ -186,6 +186,21 @@ impl Remapper {
     /// [`Remapper::register`]) and closes its duplicated fd. Views already built keep
     /// working: their mappings hold the file.
     ///
+    /// ```
+    /// # use std::os::fd::{AsFd, FromRawFd};
+    /// # fn main() -> Result<(), iovmap::Error> {
+    /// # let file = unsafe { std::fs::File::from_raw_fd(libc::memfd_create(c"doc".as_ptr(), libc::MFD_CLOEXEC)) };
+    /// # file.set_len(4096).unwrap();
+    /// # let addr = unsafe { libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ,
+    /// #     libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(&file), 0) } as *const u8;
+    /// let mut remapper = iovmap::Remapper::new();
+    /// remapper.register(addr, 4096, file.as_fd(), 0)?;
+    /// remapper.unregister(addr)?;
+    /// assert!(remapper.unregister(addr).is_err()); // nothing registered there any more
+    /// # unsafe { libc::munmap(addr as *mut _, 4096) };
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// [`Error::InvalidRegion`] when no region starts at `addr`.
     pub fn unregister(&mut self, addr: *const u8) -> Result<(), Error> {
@@ -204,6 +219,18 @@ impl Remapper {
     }
 
     /// Maps `iovs` into one contiguous read-write view. See [`Remapper::map_with`].
+    ///
+    /// ```
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+    /// let iov = [libc::iovec { iov_base: ram.cast(), iov_len: 4 * page }];
+    /// let view = iovmap::Remapper::new().map(&iov)?;
+    /// assert_eq!(view.len(), 4 * page);
+    /// # drop(view);
+    /// # unsafe { libc::munmap(ram.cast(), 4 * page) };
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
     pub fn map(&self, iovs: &[libc::iovec]) -> Result<View, Error> {
         self.map_with(iovs, &MapOptions::default())
     }
@@ -215,6 +242,20 @@ impl Remapper {
     /// must be page-aligned on both sides; the first segment may start and the last may
     /// end mid-page.
     ///
+    /// ```
+    /// use iovmap::{Access, MapOptions};
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+    /// let iov = [libc::iovec { iov_base: ram.cast(), iov_len: 2 * page }];
+    /// let opts = MapOptions { access: Access::ReadOnly, populate: true };
+    /// let view = iovmap::Remapper::new().map_with(&iov, &opts)?;
+    /// assert_eq!(unsafe { view.as_ptr().read_volatile() }, 0);
+    /// # drop(view);
+    /// # unsafe { libc::munmap(ram.cast(), 4 * page) };
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    ///
     /// # Errors
     /// Any [`Error`]; nothing stays mapped and the registered table is unchanged.
     pub fn map_with(&self, iovs: &[libc::iovec], opts: &MapOptions) -> Result<View, Error> {
@@ -223,6 +264,17 @@ impl Remapper {
 
     /// Plans a view of `iovs` without mapping anything: the runs it would take, which
     /// is how many VMAs it would cost. Costs one VMA lookup per mapping touched.
+    ///
+    /// ```
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+    /// let iov = |p: usize, n: usize| libc::iovec { iov_base: unsafe { ram.add(p * page) }.cast(), iov_len: n * page };
+    /// let plan = iovmap::Remapper::new().plan(&[iov(0, 1), iov(1, 1), iov(3, 1)])?;
+    /// assert_eq!(plan.runs.len(), 2); // pages 0-1, then page 3
+    /// # unsafe { libc::munmap(ram.cast(), 4 * page) };
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
     ///
     /// # Errors
     /// As [`Remapper::map_with`], for the checks made before placement.

@@ -24,6 +24,13 @@ fn inject(_: Syscall) -> io::Result<()> {
 }
 
 /// The syscalls of the map path, as the fault injector names them.
+///
+/// ```
+/// # #[cfg(feature = "fault-injection")] {
+/// use iovmap::fault::Syscall;
+/// assert!(Syscall::ALL.contains(&Syscall::FdMap));
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
 pub enum Syscall {
@@ -48,6 +55,10 @@ pub enum Syscall {
 #[cfg(feature = "fault-injection")]
 impl Syscall {
     /// Every syscall the injector can name, in a fixed order.
+    ///
+    /// ```
+    /// assert_eq!(iovmap::fault::Syscall::ALL.len(), 8);
+    /// ```
     pub const ALL: [Syscall; 8] = [
         Syscall::Reserve,
         Syscall::Trim,

@@ -71,27 +71,84 @@ impl View {
     }
 
     /// The first byte of the view: the first byte of the first segment.
+    ///
+    /// ```
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+    /// # let view = iovmap::map(&[libc::iovec { iov_base: unsafe { ram.add(100) }.cast(), iov_len: 200 }])?;
+    /// unsafe { view.as_ptr().write_volatile(1) };
+    /// assert_eq!(unsafe { ram.add(100).read_volatile() }, 1);
+    /// # drop(view);
+    /// # unsafe { libc::munmap(ram.cast(), 4 * page) };
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
     pub fn as_ptr(&self) -> *mut u8 {
         (self.base + self.lead) as *mut u8
     }
 
     /// The exact byte length of the view: the sum of the segment lengths.
+    ///
+    /// ```
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+    /// # let view = iovmap::map(&[libc::iovec { iov_base: unsafe { ram.add(100) }.cast(), iov_len: 200 }])?;
+    /// assert_eq!(view.len(), 200);
+    /// # drop(view);
+    /// # unsafe { libc::munmap(ram.cast(), 4 * page) };
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Always `false`: an empty list is refused with [`Error::Empty`](crate::Error::Empty).
+    ///
+    /// ```
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+    /// # let view = iovmap::map(&[libc::iovec { iov_base: unsafe { ram.add(100) }.cast(), iov_len: 200 }])?;
+    /// assert!(!view.is_empty());
+    /// # drop(view);
+    /// # unsafe { libc::munmap(ram.cast(), 4 * page) };
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// What building the view took.
+    ///
+    /// ```
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+    /// # let view = iovmap::map(&[libc::iovec { iov_base: unsafe { ram.add(100) }.cast(), iov_len: 200 }])?;
+    /// assert_eq!((view.stats().runs, view.stats().cloned), (1, 1));
+    /// # drop(view);
+    /// # unsafe { libc::munmap(ram.cast(), 4 * page) };
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
     pub fn stats(&self) -> &MapStats {
         &self.stats
     }
 
     /// The whole mapped range, from the page boundary below [`View::as_ptr`] to the end of
     /// the last page: what the view unmaps when dropped.
+    ///
+    /// ```
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+    /// # let view = iovmap::map(&[libc::iovec { iov_base: unsafe { ram.add(100) }.cast(), iov_len: 200 }])?;
+    /// assert_eq!(view.mapped_range().len(), page);
+    /// assert_eq!(view.as_ptr() as usize - view.mapped_range().start, 100);
+    /// # drop(view);
+    /// # unsafe { libc::munmap(ram.cast(), 4 * page) };
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
     pub fn mapped_range(&self) -> std::ops::Range<usize> {
         self.base..self.base + self.map_len
     }

@@ -16,6 +16,12 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use crate::sys;
 
 /// One mapping (VMA) of the address space, as far as planning a view cares.
+///
+/// ```
+/// use iovmap::plan::Vma;
+/// let v = Vma { start: 0x1000, end: 0x3000, prot: libc::PROT_READ, shared: true, page_size: 0x1000 };
+/// assert!(v.contains(0x2fff) && !v.contains(0x3000));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Vma {
     /// First address of the mapping.
@@ -33,6 +39,12 @@ pub struct Vma {
 
 impl Vma {
     /// Whether `addr` lies in the mapping.
+    ///
+    /// ```
+    /// # use iovmap::plan::Vma;
+    /// let v = Vma { start: 0x1000, end: 0x2000, prot: 0, shared: false, page_size: 0x1000 };
+    /// assert!(v.contains(0x1000) && !v.contains(0xfff));
+    /// ```
     #[inline]
     pub fn contains(&self, addr: usize) -> bool {
         self.start <= addr && addr < self.end
@@ -41,7 +53,21 @@ impl Vma {
 
 /// Answers "which VMA covers this address?" for the planner.
 ///
-/// The production source asks the kernel; tests and fuzzers give a table.
+/// The production source asks the kernel; tests and fuzzers give a table (a slice of
+/// [`Vma`] is one) or their own implementation.
+///
+/// ```
+/// use iovmap::plan::{Vma, VmaSource};
+/// struct OneBigMapping;
+/// impl VmaSource for OneBigMapping {
+///     fn vma_at(&mut self, addr: usize) -> std::io::Result<Option<Vma>> {
+///         let v = Vma { start: 0, end: 1 << 40, prot: libc::PROT_READ, shared: true, page_size: 4096 };
+///         Ok(v.contains(addr).then_some(v))
+///     }
+/// }
+/// assert!(OneBigMapping.vma_at(1 << 20)?.is_some());
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub trait VmaSource {
     /// The VMA that covers `addr`, or `None` when nothing is mapped there.
     fn vma_at(&mut self, addr: usize) -> io::Result<Option<Vma>>;
@@ -58,6 +84,12 @@ impl VmaSource for [Vma] {
 /// `start-end perms offset dev inode [path]`, addresses in hex, perms like `rw-s`.
 /// Returns `None` for anything that is not such a line (or an empty or inverted range).
 /// `page_size` is what to report as the mapping's page size (the text does not say).
+///
+/// ```
+/// let v = iovmap::maps::parse_maps_line(b"7f00a000-7f00c000 rw-s 00000000 00:01 2052 /memfd:ram", 4096).unwrap();
+/// assert_eq!((v.start, v.end, v.shared), (0x7f00a000, 0x7f00c000, true));
+/// assert_eq!(iovmap::maps::parse_maps_line(b"not a maps line", 4096), None);
+/// ```
 pub fn parse_maps_line(line: &[u8], page_size: usize) -> Option<Vma> {
     let mut fields = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
     let range = fields.next()?;
@@ -95,6 +127,12 @@ pub fn parse_maps_line(line: &[u8], page_size: usize) -> Option<Vma> {
 
 /// Formats a [`Vma`] as a `/proc/<pid>/maps` line (offset, device and inode zero), the
 /// inverse of [`parse_maps_line`] for what it keeps.
+///
+/// ```
+/// use iovmap::maps::{format_maps_line, parse_maps_line};
+/// let v = parse_maps_line(b"1000-3000 r--p 0 0:0 0", 4096).unwrap();
+/// assert_eq!(format_maps_line(&v), "1000-3000 r--p 00000000 00:00 0");
+/// ```
 pub fn format_maps_line(vma: &Vma) -> String {
     format!(
         "{:x}-{:x} {}{}{}{} 00000000 00:00 0",
@@ -118,6 +156,12 @@ fn parse_hex(s: &[u8]) -> Option<usize> {
 }
 
 /// Parses every line of a `/proc/<pid>/maps` text, skipping lines it cannot read.
+///
+/// ```
+/// let text = std::fs::read("/proc/self/maps").unwrap();
+/// let vmas = iovmap::maps::parse_maps(&text, iovmap::page_size());
+/// assert!(vmas.windows(2).all(|w| w[0].end <= w[1].start)); // sorted, disjoint
+/// ```
 pub fn parse_maps(text: &[u8], page_size: usize) -> Vec<Vma> {
     text.split(|&b| b == b'\n').filter_map(|l| parse_maps_line(l, page_size)).collect()
 }

@@ -441,3 +441,76 @@ fn views_and_remappers_cross_threads() {
     let first = std::thread::scope(|s| s.spawn(|| read(&view, 0)).join().unwrap());
     assert_eq!(first, kit::pattern(13, 4 * page()));
 }
+
+#[test]
+fn a_quarter_million_adjacent_iovecs_are_one_clone() {
+    // 1 GiB of memfd, never touched: mapping it costs no memory.
+    let ram = GuestRam::new(262_144 * page()).unwrap();
+    let list: Vec<_> = (0..262_144).map(|i| ram.iov(i * page(), page())).collect();
+    let view = iovmap::map(&list).unwrap();
+    let s = view.stats();
+    assert_eq!((s.segments, s.runs, s.cloned, s.syscalls), (262_144, 1, 1, 1));
+    assert_eq!(view.len(), 1 << 30);
+    ram.write(123 * page() + 4, 9);
+    assert_eq!(read(&view, 123 * page() + 4), 9);
+}
+
+#[test]
+fn a_run_crossing_vmas_in_a_registered_region_goes_straight_to_the_fd() {
+    let ram = GuestRam::new(16 * page()).unwrap();
+    ram.fill(14);
+    // Split the memfd mapping into three VMAs by making its middle read-only.
+    // SAFETY: changes the protection of pages of our own fixture only.
+    assert_eq!(unsafe { libc::mprotect(ram.ptr().add(6 * page()).cast(), 4 * page(), libc::PROT_READ) }, 0);
+    let mut r = Remapper::new();
+    r.register(ram.ptr(), ram.len(), ram.fd(), 0).unwrap();
+    // Pages 4..12 span the three VMAs: one run, placed by the fd, never cloned.
+    let list = [ram.iov(4 * page(), 8 * page())];
+    let view = r.map(&list).unwrap();
+    let s = view.stats();
+    assert_eq!((s.runs, s.cloned, s.fd_mapped, s.syscalls), (1, 0, 1, 1));
+    assert_view_matches(&view, &list);
+    // Read-write as asked, even over the read-only middle: the fd was opened read-write.
+    write(&view, 3 * page(), 0x42);
+    assert_eq!(ram.read(7 * page()), 0x42);
+
+    // Unregistered, the same list is three clones.
+    let view = iovmap::map(&list).unwrap();
+    assert_eq!((view.stats().runs, view.stats().cloned), (3, 3));
+    assert_view_matches(&view, &list);
+}
+
+#[test]
+fn two_regions_of_one_file_coalesce_by_offset() {
+    // The same memfd mapped twice (two aliases of guest RAM); the list hops from the end
+    // of one alias to the next offset in the other: one fd run.
+    let ram = GuestRam::new(8 * page()).unwrap();
+    ram.fill(15);
+    let alias =
+        Mapping::new(8 * page(), libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(ram.fd()), 0).unwrap();
+    let mut r = Remapper::new();
+    r.register(ram.ptr(), 4 * page(), ram.fd(), 0).unwrap();
+    r.register(alias.ptr().wrapping_add(4 * page()), 4 * page(), ram.fd(), 4 * page() as u64).unwrap();
+    let list = [ram.iov(2 * page(), 2 * page()), alias.iov(4 * page(), 2 * page())];
+    let view = r.map(&list).unwrap();
+    let s = view.stats();
+    assert_eq!((s.runs, s.fd_mapped, s.syscalls), (1, 1, 1));
+    assert_view_matches(&view, &list);
+}
+
+#[test]
+fn read_only_fd_refuses_a_writable_fd_run() {
+    use std::os::fd::AsRawFd;
+    let ram = GuestRam::new(8 * page()).unwrap();
+    let ro = std::fs::File::open(format!("/proc/self/fd/{}", ram.fd().as_raw_fd())).unwrap();
+    // SAFETY: splits our own fixture into two VMAs, so the run below must use the fd.
+    assert_eq!(unsafe { libc::mprotect(ram.ptr().cast(), 2 * page(), libc::PROT_READ) }, 0);
+    let mut r = Remapper::new();
+    r.register(ram.ptr(), ram.len(), ro.as_fd(), 0).unwrap();
+    let list = [ram.iov(page(), 2 * page())];
+    let e = r.map(&list).unwrap_err();
+    assert!(matches!(e, Error::NotWritable { index: 0 }), "{e:?}");
+    let view = r.map_with(&list, &MapOptions { access: Access::ReadOnly, populate: false }).unwrap();
+    assert_eq!(view.stats().fd_mapped, 1);
+    assert_view_matches(&view, &list);
+}
