@@ -70,6 +70,27 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// Part of a segment lies in a hole of a registered device region: a vfio sparse-mmap
+    /// gap such as an MSI-X table, which must never be mapped into a view.
+    #[error(
+        "segment {index} falls in a hole of a device region (a vfio sparse-mmap gap such as an MSI-X \
+         table), which cannot be mapped: only the mmappable areas of a BAR can be part of a view"
+    )]
+    DeviceHole {
+        /// Index of the offending segment in the caller's list.
+        index: usize,
+    },
+
+    /// An entry of a guest scatter list is not (entirely) in guest memory.
+    #[error(
+        "entry {index} of the guest scatter list is not in guest memory (no guest RAM region covers all \
+         of its guest-physical range): the guest passed a bad address; fail the request"
+    )]
+    NotInGuestMemory {
+        /// Index of the offending entry in the guest scatter list.
+        index: usize,
+    },
+
     /// The view needs more mappings than vm.max_map_count leaves room for.
     #[error(
         "the view needs {needed} mappings but this process has room for {available} under \
@@ -126,9 +147,29 @@ impl Error {
             | Error::NotMapped { index }
             | Error::NotShareable { index }
             | Error::NoFallback { index, .. }
-            | Error::NotWritable { index } => Some(*index),
+            | Error::NotWritable { index }
+            | Error::DeviceHole { index }
+            | Error::NotInGuestMemory { index } => Some(*index),
             Error::Os { index, .. } => *index,
             _ => None,
+        }
+    }
+
+    /// The same error, with the segment index it names passed through `f`: adapters
+    /// that build the host list from another list (guest scatter lists) name the entry of
+    /// the caller's list.
+    #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))]
+    pub(crate) fn map_index(self, f: impl FnOnce(usize) -> usize) -> Error {
+        match self {
+            Error::Unaligned { index } => Error::Unaligned { index: f(index) },
+            Error::NotMapped { index } => Error::NotMapped { index: f(index) },
+            Error::NotShareable { index } => Error::NotShareable { index: f(index) },
+            Error::NoFallback { index, source } => Error::NoFallback { index: f(index), source },
+            Error::NotWritable { index } => Error::NotWritable { index: f(index) },
+            Error::DeviceHole { index } => Error::DeviceHole { index: f(index) },
+            Error::NotInGuestMemory { index } => Error::NotInGuestMemory { index: f(index) },
+            Error::Os { op, index: Some(index), source } => Error::Os { op, index: Some(f(index)), source },
+            other => other,
         }
     }
 }

@@ -47,6 +47,8 @@
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+#[cfg(feature = "vm-memory")]
+mod guest_memory;
 mod headroom;
 mod options;
 mod place;
@@ -55,6 +57,7 @@ mod regions;
 mod remapper;
 mod reservation;
 mod sys;
+pub mod vfio;
 mod view;
 mod vma;
 

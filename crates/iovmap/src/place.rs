@@ -109,13 +109,13 @@ fn place(run: &Run, dst: usize, regions: &Regions, prot: i32, stats: &mut MapSta
             Err(source) => return Err(Error::Os { op: "mremap", index: Some(run.first), source }),
         }
     }
-    let (Some(region), Some(fd)) = (region, run.fd) else {
+    let (Some(fd), Some(region_fd)) = (run.fd, region.and_then(Region::fd)) else {
         // The planner gives every run a clone or an fd; a run with neither cannot be placed.
         return Err(Error::NoFallback { index: run.first, source: io::Error::from_raw_os_error(libc::EINVAL) });
     };
     stats.syscalls += 1;
     // SAFETY: as for the clone above.
-    unsafe { sys::map_fd_fixed(dst, run.len, prot, region.fd(), fd.offset) }.map_err(|e| match e.raw_os_error() {
+    unsafe { sys::map_fd_fixed(dst, run.len, prot, region_fd, fd.offset) }.map_err(|e| match e.raw_os_error() {
         Some(libc::EACCES | libc::EPERM) if prot & libc::PROT_WRITE != 0 => Error::NotWritable { index: run.first },
         Some(libc::ENOMEM) => Error::Os { op: "mmap", index: Some(run.first), source: e },
         _ => Error::NoFallback { index: run.first, source: e },

@@ -37,7 +37,7 @@ pub use crate::vma::{Vma, VmaSource};
 /// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000 }];
 /// // The mapping is file 7 from offset 0x100000, registered.
 /// let regions = [RegionSpan { start: 0x10000, end: 0x20000, offset: 0x100000,
-///                             file: FileId { dev: 1, ino: 7 }, page_size: 0x1000 }];
+///                             file: FileId { dev: 1, ino: 7 }, page_size: 0x1000, mappable: true }];
 /// let iov = [libc::iovec { iov_base: 0x13000 as *mut _, iov_len: 0x1000 }];
 /// let p = plan(&iov, &mut vmas[..], &regions, 0x1000)?;
 /// assert_eq!(p.runs[0].fd, Some(FdSource { region: 0, offset: 0x103000 }));
@@ -251,11 +251,14 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
     /// first VMA or region boundary). Returns where the piece ends and the end of the
     /// window the open run may keep growing into.
     fn piece(&mut self, at: usize, end: usize, index: usize) -> Result<(usize, usize), Error> {
+        let (region, region_end) = region_window(self.spans, at);
+        if region.is_some_and(|r| !self.spans[r].mappable) {
+            return Err(Error::DeviceHole { index });
+        }
         let vma = self.vma_at(at, index)?;
         if !vma.shared {
             return Err(Error::NotShareable { index });
         }
-        let (region, region_end) = region_window(self.spans, at);
         let window = vma.end.min(region_end);
         let piece_end = end.min(window);
         let span = region.map(|r| self.spans[r]);
@@ -369,7 +372,7 @@ mod tests {
         Vma { start, end, prot: RW, shared: true, page_size: P }
     }
     fn span(start: usize, end: usize, offset: u64, ino: u64) -> RegionSpan {
-        RegionSpan { start, end, offset, file: FileId { dev: 1, ino }, page_size: P }
+        RegionSpan { start, end, offset, file: FileId { dev: 1, ino }, page_size: P, mappable: true }
     }
     fn run_plan(list: &[libc::iovec], vmas: &[Vma], regions: &[RegionSpan]) -> Result<Plan, Error> {
         let mut v = vmas.to_vec();
@@ -518,6 +521,20 @@ mod tests {
         let p = run_plan(&[iov(0x4020_1000, 0x10)], &[huge], &regions).unwrap();
         assert_eq!((p.lead, p.runs[0].src, p.runs[0].len), (0x1000, 0x4020_0000, H));
         assert_eq!(p.runs[0].fd, Some(FdSource { region: 0, offset: 0x20_0000 }));
+    }
+
+    #[test]
+    fn a_segment_in_a_device_hole_is_refused_even_where_unmapped() {
+        let vmas = [shared(0x10000, 0x12000), shared(0x13000, 0x20000)];
+        let regions = [
+            span(0x10000, 0x12000, 0, 5),
+            RegionSpan { mappable: false, ..span(0x12000, 0x13000, 0x2000, 5) },
+            span(0x13000, 0x20000, 0x3000, 5),
+        ];
+        let p = run_plan(&[iov(0x11000, P), iov(0x13000, P)], &vmas, &regions).unwrap();
+        assert_eq!(p.runs.len(), 2);
+        let e = run_plan(&[iov(0x11000, P), iov(0x11800, 0x1000)], &vmas, &regions).unwrap_err();
+        assert!(matches!(e, Error::DeviceHole { index: 1 }), "{e:?}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub struct FileId {
 /// ```
 /// use iovmap::plan::{FileId, RegionSpan};
 /// let bar = RegionSpan { start: 0x7000_0000, end: 0x7100_0000, offset: 0x200_0000_0000,
-///                        file: FileId::default(), page_size: 4096 };
+///                        file: FileId::default(), page_size: 4096, mappable: true };
 /// assert_eq!(bar.offset_of(0x7000_3000), 0x200_0000_3000);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +39,9 @@ pub struct RegionSpan {
     pub file: FileId,
     /// Page size of the file's mappings (huge page size on hugetlbfs).
     pub page_size: usize,
+    /// False for a hole of a device region that must never be in a view (a vfio
+    /// sparse-mmap gap such as an MSI-X table): a segment there is refused.
+    pub mappable: bool,
 }
 
 impl RegionSpan {
@@ -46,7 +49,8 @@ impl RegionSpan {
     ///
     /// ```
     /// # use iovmap::plan::{FileId, RegionSpan};
-    /// let r = RegionSpan { start: 0x1000, end: 0x5000, offset: 0x10000, file: FileId::default(), page_size: 4096 };
+    /// let r = RegionSpan { start: 0x1000, end: 0x5000, offset: 0x10000, file: FileId::default(), page_size: 4096,
+    ///                      mappable: true };
     /// assert_eq!(r.offset_of(0x1800), 0x10800);
     /// ```
     #[inline]
@@ -68,18 +72,24 @@ pub(crate) enum CloneState {
 #[derive(Debug)]
 pub(crate) struct Region {
     pub span: RegionSpan,
-    pub fd: OwnedFd,
+    /// The duplicated fd; `None` for a hole.
+    fd: Option<OwnedFd>,
+    /// The registration this region was made by: one `register` call, or all the areas
+    /// and holes of one `register_vfio_region` call. `unregister` removes a whole group.
+    group: u64,
     /// 0: clone not known to be refused; otherwise the errno of the refusal.
     refused: AtomicI32,
 }
 
 impl Region {
-    pub(crate) fn new(span: RegionSpan, fd: OwnedFd) -> Self {
-        Region { span, fd, refused: AtomicI32::new(0) }
+    pub(crate) fn new(span: RegionSpan, fd: Option<OwnedFd>, group: u64) -> Self {
+        debug_assert_eq!(span.mappable, fd.is_some());
+        Region { span, fd, group, refused: AtomicI32::new(0) }
     }
 
-    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// The fd; the planner never gives a hole a run, so a hole has none to give.
+    pub(crate) fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
     }
 
     pub(crate) fn clone_state(&self) -> CloneState {
@@ -102,11 +112,18 @@ impl Region {
 pub(crate) struct Regions {
     regions: Vec<Region>,
     spans: Vec<RegionSpan>,
+    next_group: u64,
 }
 
 impl Regions {
     pub(crate) const fn new() -> Self {
-        Regions { regions: Vec::new(), spans: Vec::new() }
+        Regions { regions: Vec::new(), spans: Vec::new(), next_group: 0 }
+    }
+
+    /// A fresh registration group id.
+    pub(crate) fn new_group(&mut self) -> u64 {
+        self.next_group += 1;
+        self.next_group
     }
 
     pub(crate) fn spans(&self) -> &[RegionSpan] {
@@ -136,11 +153,16 @@ impl Regions {
         self.regions.insert(i, region);
     }
 
-    /// Removes the region that starts exactly at `start`.
-    pub(crate) fn remove(&mut self, start: usize) -> Option<Region> {
-        let i = self.spans.binary_search_by_key(&start, |s| s.start).ok()?;
-        self.spans.remove(i);
-        Some(self.regions.remove(i))
+    /// Removes the registration whose region starts exactly at `start`: that region and
+    /// every other region of its group. Returns how many regions went.
+    pub(crate) fn remove(&mut self, start: usize) -> usize {
+        let Ok(i) = self.spans.binary_search_by_key(&start, |s| s.start) else { return 0 };
+        let group = self.regions[i].group;
+        let before = self.regions.len();
+        let mut keep = self.regions.iter().map(|r| r.group != group);
+        self.spans.retain(|_| keep.next().unwrap_or(true));
+        self.regions.retain(|r| r.group != group);
+        before - self.regions.len()
     }
 }
 
@@ -160,7 +182,7 @@ mod tests {
     use super::*;
 
     fn span(start: usize, end: usize) -> RegionSpan {
-        RegionSpan { start, end, offset: 0, file: FileId::default(), page_size: 4096 }
+        RegionSpan { start, end, offset: 0, file: FileId::default(), page_size: 4096, mappable: true }
     }
 
     #[test]
@@ -178,18 +200,34 @@ mod tests {
     #[test]
     fn overlap_is_detected_on_either_side() {
         let mut r = Regions::new();
-        let fd = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-        r.insert(Region::new(span(0x4000, 0x8000), fd()));
+        let fd = || Some(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        let g = r.new_group();
+        r.insert(Region::new(span(0x4000, 0x8000), fd(), g));
         assert!(r.overlapping(0x3000, 0x4001).is_some());
         assert!(r.overlapping(0x7fff, 0x9000).is_some());
         assert!(r.overlapping(0x5000, 0x6000).is_some());
         assert!(r.overlapping(0x3000, 0x9000).is_some());
         assert!(r.overlapping(0x3000, 0x4000).is_none());
         assert!(r.overlapping(0x8000, 0x9000).is_none());
-        r.insert(Region::new(span(0x1000, 0x2000), fd()));
+        let g2 = r.new_group();
+        r.insert(Region::new(span(0x1000, 0x2000), fd(), g2));
         assert_eq!(r.spans()[0].start, 0x1000);
-        assert!(r.remove(0x5000).is_none());
-        assert!(r.remove(0x4000).is_some());
+        assert_eq!(r.remove(0x5000), 0);
+        assert_eq!(r.remove(0x4000), 1);
         assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn a_group_is_removed_whole() {
+        let mut r = Regions::new();
+        let fd = || Some(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        let bar = r.new_group();
+        r.insert(Region::new(span(0x10000, 0x12000), fd(), bar));
+        r.insert(Region::new(RegionSpan { mappable: false, ..span(0x12000, 0x13000) }, None, bar));
+        r.insert(Region::new(span(0x13000, 0x20000), fd(), bar));
+        let other = r.new_group();
+        r.insert(Region::new(span(0x30000, 0x31000), fd(), other));
+        assert_eq!(r.remove(0x10000), 3);
+        assert_eq!(r.spans().iter().map(|s| s.start).collect::<Vec<_>>(), [0x30000]);
     }
 }

@@ -54,7 +54,7 @@ use crate::{place, sys};
 /// ```
 #[derive(Debug, Default)]
 pub struct Remapper {
-    regions: Regions,
+    pub(crate) regions: Regions,
 }
 
 /// Nothing registered: what the free [`map`](crate::map) function uses.
@@ -111,12 +111,13 @@ impl Remapper {
     pub fn register(&mut self, addr: *const u8, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<(), Error> {
         let span = self.check_region(addr as usize, len, fd, offset, &mut ProcessVmas::new())?;
         let dup = sys::dup_cloexec(fd).map_err(|e| invalid(format!("cannot duplicate the fd: {e}")))?;
-        self.regions.insert(Region::new(span, dup));
+        let group = self.regions.new_group();
+        self.regions.insert(Region::new(span, Some(dup), group));
         Ok(())
     }
 
     /// Validates a registration and returns its span.
-    fn check_region(
+    pub(crate) fn check_region(
         &self,
         start: usize,
         len: usize,
@@ -179,12 +180,13 @@ impl Remapper {
                 what()
             )));
         }
-        Ok(RegionSpan { start, end, offset, file: FileId { dev: info.dev, ino: info.ino }, page_size })
+        Ok(RegionSpan { start, end, offset, file: FileId { dev: info.dev, ino: info.ino }, page_size, mappable: true })
     }
 
-    /// Forgets the region registered at `addr` (the address given to
-    /// [`Remapper::register`]) and closes its duplicated fd. Views already built keep
-    /// working: their mappings hold the file.
+    /// Forgets the registration made at `addr` (the address given to
+    /// [`Remapper::register`], or to `register_vfio_region`, which forgets all the areas
+    /// of that region) and closes the duplicated fds. Views already built keep working:
+    /// their mappings hold the file.
     ///
     /// ```
     /// # use std::os::fd::{AsFd, FromRawFd};
@@ -204,9 +206,13 @@ impl Remapper {
     /// # Errors
     /// [`Error::InvalidRegion`] when no region starts at `addr`.
     pub fn unregister(&mut self, addr: *const u8) -> Result<(), Error> {
-        self.regions.remove(addr as usize).map(drop).ok_or_else(|| {
-            invalid(format!("no region is registered at {:#x}: pass the address given to register", addr as usize))
-        })
+        if self.regions.remove(addr as usize) == 0 {
+            return Err(invalid(format!(
+                "no region is registered at {:#x}: pass the address given to register",
+                addr as usize
+            )));
+        }
+        Ok(())
     }
 
     /// The registered regions in address order, as `(address, length, fd offset)`.
@@ -214,8 +220,8 @@ impl Remapper {
     /// ```
     /// assert_eq!(iovmap::Remapper::new().regions().count(), 0);
     /// ```
-    pub fn regions(&self) -> impl ExactSizeIterator<Item = (*const u8, usize, u64)> + '_ {
-        self.regions.spans().iter().map(|s| (s.start as *const u8, s.end - s.start, s.offset))
+    pub fn regions(&self) -> impl Iterator<Item = (*const u8, usize, u64)> + '_ {
+        self.regions.spans().iter().filter(|s| s.mappable).map(|s| (s.start as *const u8, s.end - s.start, s.offset))
     }
 
     /// Maps `iovs` into one contiguous read-write view. See [`Remapper::map_with`].

@@ -14,6 +14,7 @@ use std::os::fd::AsFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use iovmap::fault::{Faults, Syscall};
+use iovmap::vfio::{VFIO_REGION_INFO_FLAG_MMAP, VfioRegionInfo};
 use iovmap::{Access, Error, MapOptions, Remapper};
 use iovmap_testkit::workloads::Rng;
 use iovmap_testkit::{self as kit, BpfArray, Counts, GuestRam, IoUringSq, Mapping, PerfRing};
@@ -163,6 +164,21 @@ fn registration_errors_leave_nothing_behind() {
         before.assert_unchanged(what);
         assert_eq!(regions(&r), table, "{what}: registered table changed");
     }
+    // A vfio registration of several areas fails whole: the first area was fine.
+    let sparse = VfioRegionInfo {
+        index: 2,
+        flags: VFIO_REGION_INFO_FLAG_MMAP,
+        size: 8 * p as u64,
+        offset: 8 * p as u64,
+        sparse_areas: Some(vec![(0, 2 * p as u64), (4 * p as u64, 8 * p as u64)]),
+    };
+    let e = r.register_vfio_region_info(ram.fd(), &sparse, ram.ptr().wrapping_add(8 * p)).unwrap_err();
+    assert!(matches!(&e, Error::InvalidRegion { reason } if reason.contains("vfio region 2")), "{e}");
+    let no_mmap = VfioRegionInfo { flags: 0, sparse_areas: None, ..sparse };
+    assert!(r.register_vfio_region_info(ram.fd(), &no_mmap, ram.ptr().wrapping_add(8 * p)).is_err());
+    before.assert_unchanged("vfio registrations");
+    assert_eq!(regions(&r), table);
+
     let e = r.unregister(ram.ptr().wrapping_add(p)).unwrap_err();
     assert!(e.to_string().contains("no region is registered"), "{e}");
     // Unregistering closes the duplicated fd.

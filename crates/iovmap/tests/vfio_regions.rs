@@ -1,0 +1,125 @@
+//! vfio region registration end to end, through the same code path `register_vfio_region`
+//! uses (`register_vfio_region_info`), on device-like memory this host has: a perf_event
+//! ring (VM_PFNMAP, like a BAR) as a whole region, and a BPF mmapable array
+//! (VM_DONTEXPAND, mappable at any offset) as a sparse BAR with an MSI-X-like hole and a
+//! non-zero region offset. A real vfio-pci device is tested in the guest VM
+//! (crates/iovmap-vmtest).
+
+use std::os::fd::AsFd;
+
+use iovmap::vfio::{
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VfioRegionInfo,
+};
+use iovmap::{Error, Remapper};
+use iovmap_testkit::{self as kit, BpfArray, GuestRam, Mapping, PerfRing, skip};
+
+const MMAP_RW: u32 = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE | VFIO_REGION_INFO_FLAG_MMAP;
+
+fn page() -> usize {
+    kit::page()
+}
+
+#[test]
+fn a_pfnmap_region_registered_as_a_vfio_bar_falls_back_to_the_fd() {
+    let ring = match PerfRing::new(4) {
+        Ok(r) => r,
+        Err(e) => skip!("{e}"),
+    };
+    let ram = GuestRam::new(4 * page()).unwrap();
+    ram.fill(2);
+    let info = VfioRegionInfo { index: 2, flags: MMAP_RW, size: ring.map.len() as u64, offset: 0, sparse_areas: None };
+    let mut r = Remapper::new();
+    r.register_vfio_region_info(ring.fd(), &info, ring.map.ptr()).unwrap();
+    let list = [ram.iov(0, page()), ring.map.iov(0, ring.map.len()), ram.iov(3 * page(), page())];
+    let view = r.map(&list).unwrap();
+    let s = view.stats();
+    assert_eq!((s.runs, s.cloned, s.fd_mapped, s.syscalls), (3, 2, 1, 4));
+    // SAFETY: page 0 of the ring is writable; the view is live.
+    unsafe {
+        view.as_ptr().add(page() + 800).write_volatile(0x3c);
+        assert_eq!(ring.map.ptr().add(800).read_volatile(), 0x3c);
+    }
+    drop(view);
+    r.unregister(ring.map.ptr()).unwrap();
+    assert_eq!(r.regions().count(), 0);
+}
+
+#[test]
+fn a_sparse_bar_registers_its_areas_and_refuses_its_hole() {
+    let arr = match BpfArray::new(20) {
+        Ok(a) => a,
+        Err(e) => skip!("{e}"),
+    };
+    // SAFETY: the array mapping is writable and only this test uses it.
+    unsafe { kit::fill(arr.map.ptr(), arr.map.len(), 3, 0) };
+    let p = page();
+    // The "BAR" is the array from fd offset 4 pages on, 16 pages long, mapped by the VMM
+    // at `bar` (the whole BAR here: the hole is mapped but must not be used).
+    let bar = Mapping::new(16 * p, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(arr.fd()), 4 * p as u64)
+        .unwrap();
+    let info = VfioRegionInfo {
+        index: 0,
+        flags: MMAP_RW,
+        size: 16 * p as u64,
+        offset: 4 * p as u64,
+        sparse_areas: Some(vec![(0, 4 * p as u64), (8 * p as u64, 8 * p as u64)]), // hole: pages 4..8
+    };
+    let mut r = Remapper::new();
+    r.register_vfio_region_info(arr.fd(), &info, bar.ptr()).unwrap();
+    let areas: Vec<_> = r.regions().map(|(a, l, o)| (a as usize - bar.ptr() as usize, l, o)).collect();
+    assert_eq!(areas, [(0, 4 * p, 4 * p as u64), (8 * p, 8 * p, 12 * p as u64)]);
+
+    let list = [bar.iov(10 * p, 2 * p), bar.iov(p, p)];
+    let view = r.map(&list).unwrap();
+    assert_eq!((view.stats().runs, view.stats().fd_mapped), (2, 2));
+    for (at, array_offset) in [(0, 14 * p), (2 * p, 5 * p)] {
+        // SAFETY: both ranges are live for a page.
+        let diff = unsafe { kit::first_difference(view.as_ptr().add(at), arr.map.ptr().add(array_offset), p) };
+        assert_eq!(diff, None, "view offset {at:#x} should show array offset {array_offset:#x}");
+    }
+
+    // A segment in the hole (an MSI-X table, say) is refused, naming it.
+    let e = r.map(&[bar.iov(0, p), bar.iov(5 * p, p)]).unwrap_err();
+    assert!(matches!(e, Error::DeviceHole { index: 1 }), "{e:?}");
+    assert!(e.to_string().contains("MSI-X"), "{e}");
+    // So is one that only touches it.
+    let e = r.map(&[bar.iov(3 * p, 2 * p)]).unwrap_err();
+    assert!(matches!(e, Error::DeviceHole { index: 0 }), "{e:?}");
+
+    // Nothing can be registered over the hole, and unregistering the BAR removes it all.
+    let other = GuestRam::new(p).unwrap();
+    let e = r.register_vfio_region_info(other.fd(), &VfioRegionInfo { size: p as u64, ..info.clone() }, bar.ptr());
+    assert!(matches!(e, Err(Error::InvalidRegion { .. })));
+    r.unregister(bar.ptr()).unwrap();
+    assert_eq!(r.regions().count(), 0);
+    assert!(r.map(&[bar.iov(5 * p, p)]).is_err(), "the hole is gone, the BPF mapping refuses the clone");
+}
+
+#[test]
+fn a_region_without_the_mmap_flag_or_with_an_unmapped_area_registers_nothing() {
+    let ram = GuestRam::new(8 * page()).unwrap();
+    let mut r = Remapper::new();
+    let info = VfioRegionInfo {
+        index: 0,
+        flags: VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE,
+        size: 8 * page() as u64,
+        offset: 0,
+        sparse_areas: None,
+    };
+    let e = r.register_vfio_region_info(ram.fd(), &info, ram.ptr()).unwrap_err();
+    assert!(e.to_string().contains("VFIO_REGION_INFO_FLAG_MMAP"), "{e}");
+    // The second area lies past the end of the 8-page memfd: the first area is valid, but
+    // nothing may stay registered.
+    let info = VfioRegionInfo {
+        flags: MMAP_RW,
+        size: 16 * page() as u64,
+        sparse_areas: Some(vec![(0, 4 * page() as u64), (12 * page() as u64, 4 * page() as u64)]),
+        ..info
+    };
+    let e = r.register_vfio_region_info(ram.fd(), &info, ram.ptr()).unwrap_err();
+    assert!(matches!(e, Error::InvalidRegion { .. }), "{e:?}");
+    assert!(e.to_string().contains("vfio region 0"), "{e}");
+    assert_eq!(r.regions().count(), 0);
+    // A plain register of the first area still works: the table was left clean.
+    r.register(ram.ptr(), 4 * page(), ram.fd().as_fd(), 0).unwrap();
+}
