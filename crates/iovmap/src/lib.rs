@@ -71,10 +71,14 @@ pub mod maps {
     pub use crate::vma::{format_maps_line, parse_maps, parse_maps_line};
 }
 
-// The README's example is compiled as a doctest.
+// The examples of the README and the integration guide are compiled as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 struct ReadmeExample;
+
+#[cfg(all(doctest, feature = "vm-memory", feature = "vfio"))]
+#[doc = include_str!("../../../docs/vmm-integration.md")]
+struct VmmIntegrationGuide;
 
 /// The base page size of this machine.
 ///
