@@ -1,0 +1,66 @@
+//! What the tests that build C need: where the library and the header are, and the
+//! system C compiler.
+
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The crate's directory.
+pub fn crate_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The directory of the header.
+pub fn include_dir() -> PathBuf {
+    crate_dir().join("include")
+}
+
+/// Where `cargo test` left `libiovmap.a` and `libiovmap.so`: beside this test binary
+/// (`target/<profile>/deps`). Cargo builds the library with all its crate types there
+/// before the tests that depend on it, but does not copy them up to
+/// `target/<profile>` as `cargo build` does, so the files there may be stale.
+pub fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("the test binary has a directory").to_path_buf();
+    for lib in ["libiovmap.a", "libiovmap.so"] {
+        assert!(dir.join(lib).is_file(), "{lib} was not built beside the test binary in {}", dir.display());
+    }
+    dir
+}
+
+/// What a Rust staticlib needs from the system on Linux (`rustc --print
+/// native-static-libs`), the same list as `Libs.private` in `iovmap.pc.in`.
+pub const NATIVE_STATIC_LIBS: &[&str] = &["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"];
+
+/// A scratch directory of this test binary under `target/tmp`.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("iovmap-capi").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// The system C compiler (`$CC`, else `cc`).
+pub fn cc() -> Command {
+    Command::new(std::env::var_os("CC").unwrap_or_else(|| "cc".into()))
+}
+
+/// Runs `cmd`, panicking with its output unless it succeeds.
+#[track_caller]
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Whether `program` can be started (`program --version` runs).
+pub fn have(program: &str) -> bool {
+    Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
+}
