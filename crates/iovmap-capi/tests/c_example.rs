@@ -1,0 +1,92 @@
+//! `examples/c/remap.c` compiled with the system C compiler against the library cargo
+//! just built (`libiovmap.a`, then `libiovmap.so`), run, and its output checked.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{NATIVE_STATIC_LIBS, cc, crate_dir, include_dir, lib_dir, run, scratch};
+
+/// Warnings are errors: the example is what C users copy.
+const CFLAGS: &[&str] = &["-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-pedantic"];
+
+fn example() -> std::path::PathBuf {
+    crate_dir().join("examples/c/remap.c")
+}
+
+/// Runs the built example and checks what it says it did.
+fn run_example(exe: &Path) {
+    let out = run(&mut Command::new(exe));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    eprintln!("{}", stdout.trim_end());
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("guest RAM: 7 iovecs -> 4 runs (4 cloned, 0 fd-mapped, 4 syscalls), 24676 bytes match"),
+        "{stdout}"
+    );
+    match iovmap_testkit::PerfRing::new(2) {
+        Ok(_) => {
+            let want = [
+                "pfnmap unregistered: refused at iovec 1 as expected: IOVMAP_E_NO_FALLBACK",
+                "pfnmap: 4 iovecs -> 3 runs (2 cloned, 1 fd-mapped, 4 syscalls), bytes match",
+                "pfnmap again: 2 iovecs -> 1 runs (0 cloned, 1 fd-mapped, 1 syscalls)",
+            ];
+            for (i, w) in want.into_iter().enumerate() {
+                assert!(lines[1 + i].starts_with(w), "line {} should start with {w:?}:\n{stdout}", 2 + i);
+            }
+        }
+        Err(e) => {
+            eprintln!("SKIP the PFNMAP half: {e}");
+            assert!(lines[1].starts_with("pfnmap: skipped"), "{stdout}");
+        }
+    }
+    assert_eq!(lines.last(), Some(&"remap: ok"));
+}
+
+/// The shared objects `exe` needs (DT_NEEDED), from `readelf -d`.
+fn needed(exe: &Path) -> Vec<String> {
+    let out = run(Command::new("readelf").arg("-d").arg(exe));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| Some(l.split('[').nth(1)?.trim_end_matches(']').to_string()))
+        .collect()
+}
+
+#[test]
+fn c_example_runs_linked_with_the_static_library() {
+    let dir = scratch("c-example-static");
+    let exe = dir.join("remap");
+    run(cc()
+        .args(CFLAGS)
+        .arg("-I")
+        .arg(include_dir())
+        .arg(example())
+        .arg(lib_dir().join("libiovmap.a"))
+        .args(NATIVE_STATIC_LIBS)
+        .arg("-o")
+        .arg(&exe));
+    assert!(!needed(&exe).iter().any(|n| n.starts_with("libiovmap")), "linked statically: {:?}", needed(&exe));
+    run_example(&exe);
+}
+
+#[test]
+fn c_example_runs_linked_with_the_shared_library() {
+    let dir = scratch("c-example-shared");
+    let exe = dir.join("remap");
+    let lib = lib_dir();
+    run(cc()
+        .args(CFLAGS)
+        .arg("-I")
+        .arg(include_dir())
+        .arg(example())
+        .arg("-L")
+        .arg(&lib)
+        .arg("-liovmap")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-o")
+        .arg(&exe));
+    assert!(needed(&exe).iter().any(|n| n == "libiovmap.so"), "linked with the .so: {:?}", needed(&exe));
+    run_example(&exe);
+}
