@@ -64,3 +64,21 @@ pub fn run(cmd: &mut Command) -> Output {
 pub fn have(program: &str) -> bool {
     Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
 }
+
+/// The values of the dynamic section entries of type `tag` (`NEEDED`, `SONAME`) of an
+/// ELF file, from `readelf -d`.
+pub fn dynamic_entries(elf: &Path, tag: &str) -> Vec<String> {
+    let out = run(Command::new("readelf").arg("-d").arg(elf));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("({tag})")))
+        .filter_map(|l| Some(l.split('[').nth(1)?.trim_end_matches(']').to_string()))
+        .collect()
+}
+
+/// The SONAME of a shared library.
+pub fn soname(lib: &Path) -> String {
+    let names = dynamic_entries(lib, "SONAME");
+    assert_eq!(names.len(), 1, "{} has no single SONAME: {names:?}", lib.display());
+    names.into_iter().next().unwrap()
+}
