@@ -279,34 +279,44 @@ fn null_pointers_negative_counts_and_unknown_flags_are_errors() {
     let bad = |rc: c_int, says: &str| assert_error(rc, IOVMAP_E_INVALID_ARGUMENT, -1, &[says]);
     let mut out = ptr::dangling_mut::<IovmapView>();
 
-    // SAFETY (each call below): every pointer is NULL, live, or (`out`) writable.
+    // SAFETY: for this and each call below: every pointer passed is NULL, points to live
+    // objects of the test, or (`out`, `stats`) is writable; iovmap checks before use.
     bad(unsafe { iovmap_map(ptr::null(), list.as_ptr(), 1, 0, &mut out) }, "iovmap_map: the remapper is NULL");
     assert!(out.is_null(), "*out is NULL after any failure");
+    // SAFETY: as above.
     bad(unsafe { iovmap_map(r.0, list.as_ptr(), 1, 0, ptr::null_mut()) }, "iovmap_map: out is NULL");
+    // SAFETY: as above.
     bad(unsafe { iovmap_map(r.0, ptr::null(), 3, 0, &mut out) }, "iov is NULL but iovcnt is 3");
+    // SAFETY: as above.
     bad(unsafe { iovmap_map(r.0, list.as_ptr(), -1, 0, &mut out) }, "iovcnt is negative (-1)");
+    // SAFETY: as above.
     bad(unsafe { iovmap_map(r.0, list.as_ptr(), c_int::MIN, 0, &mut out) }, "iovcnt is negative");
+    // SAFETY: as above.
     bad(unsafe { iovmap_map(r.0, list.as_ptr(), 1, 1 << 2, &mut out) }, "unknown flags 0x4");
+    // SAFETY: as above.
     bad(unsafe { iovmap_map(r.0, list.as_ptr(), 1, 0x8000_0001, &mut out) }, "unknown flags 0x80000000");
     // An iovec array at an odd address.
     let mut bytes = vec![0u8; 2 * size_of::<libc::iovec>()];
     let odd = bytes.as_mut_ptr().wrapping_add(1).cast::<libc::iovec>();
+    // SAFETY: `odd` points into a live buffer; iovmap refuses it before reading it.
     bad(unsafe { iovmap_map(r.0, odd, 1, 0, &mut out) }, "iov is not aligned");
     assert!(out.is_null());
 
     let fd = ram.fd().as_raw_fd();
+    // SAFETY: a NULL remapper is checked; the other arguments are live.
     bad(unsafe { iovmap_register(ptr::null_mut(), ram.ptr().cast(), ram.len(), fd, 0) }, "the remapper is NULL");
     bad(r.register(ram.ptr(), ram.len(), -1, 0), "fd -1 is negative");
-    let closed = {
-        let f = kit::memfd("closed", 0).unwrap();
-        f.as_raw_fd()
-    };
-    bad(r.register(ram.ptr(), ram.len(), closed, 0), &format!("fd {closed} is not open"));
+    // An fd number no process can have open (a closed one could be reopened meanwhile by
+    // another test's thread).
+    bad(r.register(ram.ptr(), ram.len(), c_int::MAX, 0), &format!("fd {} is not open", c_int::MAX));
+    // SAFETY: a NULL remapper is checked.
     bad(unsafe { iovmap_unregister(ptr::null_mut(), ram.ptr().cast()) }, "iovmap_unregister: the remapper is NULL");
 
     let mut stats = IovmapStats::default();
+    // SAFETY: a NULL view is checked; `stats` is writable.
     bad(unsafe { iovmap_view_stats(ptr::null(), &mut stats) }, "iovmap_view_stats: the view is NULL");
     let view = r.map(&list, 0).unwrap();
+    // SAFETY: a live view; a NULL `out` is checked.
     bad(unsafe { iovmap_view_stats(view.0, ptr::null_mut()) }, "iovmap_view_stats: out is NULL");
 
     // The accessors and destructors take NULL quietly.
