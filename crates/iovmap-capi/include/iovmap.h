@@ -103,12 +103,20 @@ typedef enum iovmap_code {
  * A remapper (opaque): the registered regions whose fds stand in where the kernel will
  * not clone a mapping. Create with `iovmap_remapper_new`, free with
  * `iovmap_remapper_free`.
+ *
+ * Threads: any number of threads may call `iovmap_map` with one remapper at once;
+ * `iovmap_register`, `iovmap_unregister` and `iovmap_remapper_free` need it to
+ * themselves (no other call with it, `iovmap_map` included, at the same time).
  */
 typedef struct iovmap_remapper iovmap_remapper;
 
 /**
  * A view (opaque): one contiguous mapping of all the pieces of an iovec list, aliasing
- * them. Made by `iovmap_map`; `iovmap_view_free` unmaps it.
+ * them. Made by `iovmap_map`; `iovmap_view_free` unmaps it. It does not depend on the
+ * remapper that made it, which may be freed first.
+ *
+ * Threads: `iovmap_view_ptr`, `iovmap_view_len` and `iovmap_view_stats` may run on any
+ * threads at once; `iovmap_view_free`, on any thread, must be the last call with it.
  */
 typedef struct iovmap_view iovmap_view;
 
