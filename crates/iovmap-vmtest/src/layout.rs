@@ -1,0 +1,414 @@
+//! Where the guest test puts what: the layout of BAR2 (the host's backing file) and of the
+//! memfd RAM, the scatter lists of the functional checks, and the exact image the BAR must
+//! hold when the guest is done, which `host-check` compares with the backing file.
+
+use std::ops::Range;
+
+use crate::pattern;
+
+/// The size run.sh gives the ivshmem BAR (its host backing file).
+pub const BAR_SIZE: u64 = 32 << 20;
+/// The smallest BAR the layout fits in.
+pub const BAR_MIN: u64 = 16 << 20;
+/// Bytes 0..16 of the BAR, written by the guest through its BAR mapping first.
+pub const MAGIC: &[u8; 16] = b"IOVMAP-VMTEST-01";
+/// Where the guest writes its verdict (`PASS` or `FAIL`) last.
+pub const VERDICT_AT: u64 = 16;
+/// The BAR part the functional checks use (filled with [`SEED_BAR`] first).
+pub const BAR_FUNC: Range<u64> = 0x1_0000..0x80_0000;
+/// The BAR part the stress test reads (filled with [`SEED_BAR_STRESS`], never written after).
+pub const BAR_STRESS: Range<u64> = 0x80_0000..0x100_0000;
+/// Size of the memfd guest RAM.
+pub const RAM_SIZE: usize = 16 << 20;
+/// The RAM part the functional checks use (filled with [`SEED_RAM`]).
+pub const RAM_FUNC: Range<usize> = 0..0x80_0000;
+/// The RAM part the stress test reads (filled with [`SEED_RAM_STRESS`]).
+pub const RAM_STRESS: Range<usize> = 0x80_0000..0x100_0000;
+
+/// Initial BAR content (functional part).
+pub const SEED_BAR: u64 = 0xba5e_0001;
+/// Initial RAM content (functional part).
+pub const SEED_RAM: u64 = 0xba5e_0002;
+/// Written through the BAR or RAM mapping, then read through a view.
+pub const SEED_VIA_SOURCE: u64 = 0xba5e_0003;
+/// Written through a view, then read through the BAR or RAM mapping.
+pub const SEED_VIA_VIEW: u64 = 0xba5e_0004;
+/// The stress part of the BAR.
+pub const SEED_BAR_STRESS: u64 = 0xba5e_0005;
+/// The stress part of the RAM.
+pub const SEED_RAM_STRESS: u64 = 0xba5e_0006;
+
+/// Which mapping a piece of a scatter list comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Src {
+    /// The BAR mapping (offsets are BAR offsets, i.e. backing file offsets).
+    Bar,
+    /// The memfd RAM mapping.
+    Ram,
+}
+
+/// One segment of a scatter list: `len` bytes at `off` of its source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// The source mapping.
+    pub src: Src,
+    /// Offset in the source.
+    pub off: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+const P: usize = 0x1000;
+
+const fn bar(off: usize, len: usize) -> Piece {
+    Piece { src: Src::Bar, off, len }
+}
+
+const fn ram(off: usize, len: usize) -> Piece {
+    Piece { src: Src::Ram, off, len }
+}
+
+/// The first read-write view: starts mid-page in the BAR, ends mid-page in RAM; BAR
+/// pieces out of order, two adjacent BAR pieces (one run), RAM between them. Its BAR
+/// bytes end up written through the view ([`SEED_VIA_VIEW`]).
+pub const RW_LIST: [Piece; 9] = [
+    bar(0x1_0123, 4 * P - 0x123),
+    ram(0x20_0000, 2 * P),
+    bar(0x4_0000, P),
+    bar(0x4_1000, 2 * P),
+    ram(0x10_0000, 3 * P),
+    bar(0x8_0000, P),
+    ram(0x30_0000, P),
+    bar(0x7_f000, P),
+    ram(0x40_0000, 0x800),
+];
+
+/// A later view of the same Remapper (the BAR's refusal is known by then). Its BAR bytes
+/// end up written through the view after the region is unregistered.
+pub const SECOND_LIST: [Piece; 6] = [
+    ram(0x50_0000, 2 * P),
+    bar(0x10_0000, 8 * P),
+    ram(0x51_0000, P),
+    bar(0x20_0000, P),
+    bar(0x30_0000, 3 * P),
+    ram(0x52_0000, P),
+];
+
+/// The read-only view. Its BAR bytes end up written through the BAR mapping
+/// ([`SEED_VIA_SOURCE`]) while the view is live.
+pub const RO_LIST: [Piece; 5] =
+    [bar(0x60_0000, 2 * P), ram(0x60_0000, P), bar(0x61_0000, P), bar(0x62_0000, 4 * P), ram(0x61_0000, 2 * P)];
+
+/// The iovecs of `list` over the BAR mapped at `bar` and the RAM mapped at `ram`.
+pub fn iovecs(list: &[Piece], bar: *mut u8, ram: *mut u8) -> Vec<libc::iovec> {
+    list.iter()
+        .map(|p| {
+            let base = if p.src == Src::Bar { bar } else { ram };
+            libc::iovec { iov_base: base.wrapping_add(p.off).cast(), iov_len: p.len }
+        })
+        .collect()
+}
+
+/// What iovmap should report for a list whose BAR is registered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expect {
+    /// Non-empty segments.
+    pub segments: usize,
+    /// Runs after coalescing: a piece continues the previous one when it is the next
+    /// bytes of the same source.
+    pub runs: usize,
+    /// Runs from the BAR (fd-mapped).
+    pub bar_runs: usize,
+    /// Runs from RAM (cloned).
+    pub ram_runs: usize,
+}
+
+/// The runs iovmap makes of `list` (each source is one mapping).
+///
+/// ```
+/// use iovmap_vmtest::layout::{expect, Expect, RW_LIST};
+/// assert_eq!(expect(&RW_LIST), Expect { segments: 9, runs: 8, bar_runs: 4, ram_runs: 4 });
+/// ```
+pub fn expect(list: &[Piece]) -> Expect {
+    let mut e = Expect::default();
+    let mut prev: Option<Piece> = None;
+    for p in list.iter().filter(|p| p.len > 0) {
+        e.segments += 1;
+        let continues = prev.is_some_and(|q| q.src == p.src && q.off + q.len == p.off);
+        if !continues {
+            e.runs += 1;
+            match p.src {
+                Src::Bar => e.bar_runs += 1,
+                Src::Ram => e.ram_runs += 1,
+            }
+        }
+        prev = Some(*p);
+    }
+    e
+}
+
+/// The seed of the byte at `off` of `src` before any write, for the parts of the layout
+/// that hold a single pattern: the functional and stress parts.
+pub fn initial_seed(src: Src, off: usize) -> Option<u64> {
+    let o = off as u64;
+    match src {
+        Src::Bar if BAR_FUNC.contains(&o) => Some(SEED_BAR),
+        Src::Bar if BAR_STRESS.contains(&o) => Some(SEED_BAR_STRESS),
+        Src::Ram if RAM_FUNC.contains(&off) => Some(SEED_RAM),
+        Src::Ram if RAM_STRESS.contains(&off) => Some(SEED_RAM_STRESS),
+        _ => None,
+    }
+}
+
+/// A small deterministic generator (splitmix64), so every run builds the same lists.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        pattern::mix(self.0)
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// A fragmented blob: `n` single pages alternating between random BAR pages of the
+/// functional part and random RAM pages of the functional part.
+///
+/// ```
+/// let l = iovmap_vmtest::layout::fragmented_list(1000, 1);
+/// assert_eq!(l.len(), 1000);
+/// assert!(iovmap_vmtest::layout::expect(&l).runs > 900);
+/// ```
+pub fn fragmented_list(n: usize, seed: u64) -> Vec<Piece> {
+    let mut rng = Rng::new(seed);
+    let bar_pages = ((BAR_FUNC.end - BAR_FUNC.start) as usize) / P;
+    let ram_pages = (RAM_FUNC.end - RAM_FUNC.start) / P;
+    (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                bar(BAR_FUNC.start as usize + rng.below(bar_pages) * P, P)
+            } else {
+                ram(RAM_FUNC.start + rng.below(ram_pages) * P, P)
+            }
+        })
+        .collect()
+}
+
+/// A stress view: 2 to 6 pieces of 1 to 4 pages from the stress parts, BAR and RAM
+/// mixed, at least one from the BAR (a run the kernel refuses to clone). With
+/// `ram_first`, the list starts with a RAM piece, so the BAR's refused clone punches its
+/// hole in a reservation that already holds a placed run.
+pub fn stress_list(rng: &mut Rng, ram_first: bool) -> Vec<Piece> {
+    let n = 2 + rng.below(5);
+    let must_bar = if ram_first { 1 } else { rng.below(n) };
+    (0..n)
+        .map(|i| {
+            let pages = 1 + rng.below(4);
+            let from_bar = if ram_first && i == 0 { false } else { i == must_bar || rng.below(2) == 0 };
+            if from_bar {
+                let span = (BAR_STRESS.end - BAR_STRESS.start) as usize / P - pages;
+                bar(BAR_STRESS.start as usize + rng.below(span) * P, pages * P)
+            } else {
+                let span = (RAM_STRESS.end - RAM_STRESS.start) / P - pages;
+                ram(RAM_STRESS.start + rng.below(span) * P, pages * P)
+            }
+        })
+        .collect()
+}
+
+fn in_list(list: &[Piece], off: u64) -> bool {
+    list.iter().any(|p| p.src == Src::Bar && (p.off as u64..(p.off + p.len) as u64).contains(&off))
+}
+
+/// The byte the BAR must hold at `off` when the guest test is done (the verdict bytes
+/// aside: see [`VERDICT_AT`]).
+pub fn final_bar_byte(off: u64) -> u8 {
+    if off < MAGIC.len() as u64 {
+        MAGIC[off as usize]
+    } else if in_list(&RW_LIST, off) || in_list(&SECOND_LIST, off) {
+        pattern::byte(SEED_VIA_VIEW, off)
+    } else if in_list(&RO_LIST, off) {
+        pattern::byte(SEED_VIA_SOURCE, off)
+    } else if BAR_FUNC.contains(&off) {
+        pattern::byte(SEED_BAR, off)
+    } else if BAR_STRESS.contains(&off) {
+        pattern::byte(SEED_BAR_STRESS, off)
+    } else {
+        0
+    }
+}
+
+/// The image [`final_bar_byte`] describes, `len` bytes long (verdict bytes zero), built
+/// piece by piece.
+pub fn expected_image(len: usize) -> Vec<u8> {
+    let mut img = vec![0u8; len];
+    let fill = |img: &mut Vec<u8>, range: Range<u64>, seed: u64| {
+        let (s, e) = (range.start as usize, (range.end as usize).min(img.len()));
+        if s < e {
+            // SAFETY: `[s, e)` lies inside `img`, which no reference covers during the call.
+            unsafe { pattern::fill(img.as_mut_ptr().add(s), e - s, seed, range.start) };
+        }
+    };
+    let n = MAGIC.len().min(len);
+    img[..n].copy_from_slice(&MAGIC[..n]);
+    fill(&mut img, BAR_FUNC, SEED_BAR);
+    fill(&mut img, BAR_STRESS, SEED_BAR_STRESS);
+    let bar_pieces = |list: &'static [Piece]| list.iter().filter(|p| p.src == Src::Bar);
+    for p in bar_pieces(&RO_LIST) {
+        fill(&mut img, p.off as u64..(p.off + p.len) as u64, SEED_VIA_SOURCE);
+    }
+    for p in bar_pieces(&RW_LIST).chain(bar_pieces(&SECOND_LIST)) {
+        fill(&mut img, p.off as u64..(p.off + p.len) as u64, SEED_VIA_VIEW);
+    }
+    img
+}
+
+/// Compares a BAR image (the backing file after the guest ran, or the BAR itself) with
+/// [`expected_image`], and checks the verdict bytes say `PASS`. Returns a summary, or
+/// what differs.
+///
+/// # Errors
+/// A description of the first difference in each part of the layout and how many bytes
+/// differ there.
+pub fn check_image(image: &[u8]) -> Result<String, String> {
+    if (image.len() as u64) < BAR_MIN {
+        return Err(format!("the image is {:#x} bytes, smaller than the layout ({BAR_MIN:#x})", image.len()));
+    }
+    let verdict = VERDICT_AT as usize..VERDICT_AT as usize + 4;
+    let mut problems = Vec::new();
+    if &image[verdict.clone()] != b"PASS" {
+        problems.push(format!(
+            "verdict bytes at {VERDICT_AT:#x} are {:?}, not \"PASS\"",
+            String::from_utf8_lossy(&image[verdict.clone()])
+        ));
+    }
+    let mut want = expected_image(image.len());
+    want[verdict.clone()].copy_from_slice(&image[verdict]);
+    let parts: [(&str, Range<u64>); 4] = [
+        ("header page", 0..BAR_FUNC.start),
+        ("functional part", BAR_FUNC),
+        ("stress part", BAR_STRESS),
+        ("rest (never written)", BAR_STRESS.end..image.len() as u64),
+    ];
+    for (name, range) in parts {
+        let (s, e) = (range.start as usize, range.end as usize);
+        if image[s..e] == want[s..e] {
+            continue;
+        }
+        let bad: Vec<usize> = (s..e).filter(|&i| image[i] != want[i]).collect();
+        let first = bad[0];
+        problems.push(format!(
+            "{name}: {} bytes differ, first at {first:#x}: {:#04x}, want {:#04x}",
+            bad.len(),
+            image[first],
+            want[first]
+        ));
+    }
+    if problems.is_empty() {
+        Ok(format!("all {:#x} bytes as the guest must leave them (magic, verdict PASS, patterns, zeros)", image.len()))
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overlaps(a: &Piece, b: &Piece) -> bool {
+        a.src == b.src && a.off.div_euclid(P) <= (b.off + b.len - 1) / P && b.off / P <= (a.off + a.len - 1) / P
+    }
+
+    #[test]
+    fn the_lists_stay_in_the_functional_parts_and_never_share_a_page() {
+        let all: Vec<Piece> = RW_LIST.iter().chain(&SECOND_LIST).chain(&RO_LIST).copied().collect();
+        for p in &all {
+            let inside = match p.src {
+                Src::Bar => BAR_FUNC.contains(&(p.off as u64)) && (p.off + p.len) as u64 <= BAR_FUNC.end,
+                Src::Ram => p.off + p.len <= RAM_FUNC.end,
+            };
+            assert!(inside, "{p:?}");
+        }
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                // Only the two adjacent BAR pieces of RW_LIST touch, and they do not share a page.
+                assert!(!overlaps(a, b), "{a:?} {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn expected_runs_follow_coalescing() {
+        assert_eq!(expect(&SECOND_LIST), Expect { segments: 6, runs: 6, bar_runs: 3, ram_runs: 3 });
+        assert_eq!(expect(&RO_LIST), Expect { segments: 5, runs: 5, bar_runs: 3, ram_runs: 2 });
+        assert_eq!(expect(&[bar(0, P), bar(P, P), ram(2 * P, P), ram(3 * P, P), bar(2 * P, P)]).runs, 3);
+    }
+
+    #[test]
+    fn stress_lists_hold_a_bar_piece_and_stay_in_the_stress_parts() {
+        let mut rng = Rng::new(5);
+        for i in 0..2000 {
+            let l = stress_list(&mut rng, i % 2 == 0);
+            assert!((2..=6).contains(&l.len()));
+            assert!(l.iter().any(|p| p.src == Src::Bar));
+            if i % 2 == 0 {
+                assert_eq!(l[0].src, Src::Ram);
+            }
+            for p in &l {
+                match p.src {
+                    Src::Bar => assert!(BAR_STRESS.start as usize <= p.off && (p.off + p.len) as u64 <= BAR_STRESS.end),
+                    Src::Ram => assert!(RAM_STRESS.start <= p.off && p.off + p.len <= RAM_STRESS.end),
+                }
+                assert_eq!(initial_seed(p.src, p.off), initial_seed(p.src, p.off + p.len - 1));
+            }
+        }
+    }
+
+    fn good_image() -> Vec<u8> {
+        let mut img = expected_image(BAR_SIZE as usize);
+        img[VERDICT_AT as usize..VERDICT_AT as usize + 4].copy_from_slice(b"PASS");
+        img
+    }
+
+    #[test]
+    fn the_expected_image_is_what_final_bar_byte_says() {
+        let img = expected_image(BAR_SIZE as usize);
+        let mut rng = Rng::new(3);
+        let edges =
+            RW_LIST.iter().chain(&SECOND_LIST).chain(&RO_LIST).flat_map(|p| [p.off, p.off + p.len - 1, p.off + p.len]);
+        let samples =
+            (0..20_000).map(|_| rng.below(BAR_SIZE as usize)).chain(edges).chain([0, 15, 16, 19, 20, 0xffff, 0x10000]);
+        for off in samples {
+            assert_eq!(img[off], final_bar_byte(off as u64), "at {off:#x}");
+        }
+    }
+
+    #[test]
+    fn the_host_check_accepts_the_image_and_names_any_difference() {
+        let mut img = good_image();
+        assert!(check_image(&img).is_ok());
+        // A byte written through a view that did not land.
+        let off = RW_LIST[3].off + 5;
+        img[off] = pattern::byte(SEED_BAR, off as u64);
+        let e = check_image(&img).unwrap_err();
+        assert!(e.contains("functional part: 1 bytes differ") && e.contains(&format!("{off:#x}")), "{e}");
+        // A stray write past the layout, and a failing verdict.
+        let mut img = good_image();
+        img[(BAR_SIZE - 1) as usize] = 1;
+        img[VERDICT_AT as usize..VERDICT_AT as usize + 4].copy_from_slice(b"FAIL");
+        let e = check_image(&img).unwrap_err();
+        assert!(e.contains("rest (never written): 1 bytes differ") && e.contains("\"FAIL\""), "{e}");
+        assert!(check_image(&img[..0x1000]).is_err());
+    }
+}
