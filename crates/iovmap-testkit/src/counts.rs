@@ -66,3 +66,15 @@ static PROCESS: Mutex<()> = Mutex::new(());
 pub fn process_lock() -> MutexGuard<'static, ()> {
     PROCESS.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Whether this kernel answers the PROCMAP_QUERY ioctl (Linux 6.11+).
+pub fn has_procmap_query() -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(maps) = std::fs::File::open("/proc/self/maps") else { return false };
+    // struct procmap_query asking about address 0 (unmapped: ENOENT when supported).
+    let mut q = [0u64; 13];
+    q[0] = 104;
+    // SAFETY: a zeroed, correctly sized struct procmap_query.
+    let r = unsafe { libc::ioctl(maps.as_raw_fd(), 0xC068_6611, q.as_mut_ptr()) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOTTY)
+}

@@ -18,7 +18,7 @@ mod counts;
 mod kernel_objects;
 pub mod workloads;
 
-pub use counts::{Counts, count_fds, count_vmas, process_lock, vma_flags};
+pub use counts::{Counts, count_fds, count_vmas, has_procmap_query, process_lock, vma_flags};
 pub use kernel_objects::{BpfArray, IoUringSq, PerfRing};
 
 /// The base page size.

@@ -33,7 +33,16 @@ struct State {
     calls: [usize; Syscall::ALL.len()],
     fail: Option<(Syscall, usize, i32)>,
     fired: bool,
+    /// Behave as a kernel that does (or does not) punch holes, instead of probing.
+    holes: Option<bool>,
+    /// Map a foreign mapping into the hole an injected clone failure punches.
+    squat: bool,
+    /// The foreign mapping made, if any: (address, length).
+    squatter: Option<(usize, usize)>,
 }
+
+/// The byte a squatter mapping is filled with.
+pub const SQUATTER_BYTE: u8 = 0xab;
 
 thread_local! {
     static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
@@ -60,6 +69,52 @@ pub(crate) fn check(syscall: Syscall) -> io::Result<()> {
     })
 }
 
+/// The kernel behaviour this thread assumes, if a [`Faults`] guard set one.
+pub(crate) fn assumed_holes() -> Option<bool> {
+    STATE.with(|s| s.borrow().as_ref().and_then(|st| st.holes))
+}
+
+/// Whether this thread's map path treats the kernel as one that punches a hole at the
+/// destination of a refused clone (probed once per process, or set by
+/// [`Faults::assume_holes`]). Tests use it to know which syscall counts to expect.
+///
+/// ```
+/// let _on_this_kernel = iovmap::fault::kernel_punches_holes();
+/// ```
+pub fn kernel_punches_holes() -> bool {
+    crate::holes::kernel_punches_holes()
+}
+
+/// Whether injected clone refusals punch a hole, as Linux before 6.17 does.
+pub(crate) fn emulating_holes() -> bool {
+    assumed_holes() == Some(true)
+}
+
+/// After an injected clone failure punched `[dst, dst + len)`: if asked, map a foreign
+/// mapping there, as another thread's mmap could.
+pub(crate) fn squat(dst: usize, len: usize) {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        let Some(st) = s.as_mut().filter(|st| st.squat && st.squatter.is_none()) else { return };
+        // SAFETY: MAP_FIXED_NOREPLACE only fills a free range (the hole just punched).
+        let p = unsafe {
+            libc::mmap(
+                dst as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p as usize == dst {
+            // SAFETY: the mapping just made, `len` bytes, writable.
+            unsafe { std::ptr::write_bytes(p.cast::<u8>(), SQUATTER_BYTE, len) };
+            st.squatter = Some((dst, len));
+        }
+    })
+}
+
 /// Arms fault injection on the calling thread until dropped.
 #[must_use = "fault injection is disarmed when the guard is dropped"]
 pub struct Faults {
@@ -82,6 +137,9 @@ impl Faults {
     /// # Ok::<(), iovmap::Error>(())
     /// ```
     pub fn new() -> Self {
+        // Measure the kernel before arming, so the one-time probe never meets a failure
+        // meant for the map path.
+        crate::holes::kernel_punches_holes();
         STATE.with(|s| *s.borrow_mut() = Some(State::default()));
         Faults { _thread: std::marker::PhantomData }
     }
@@ -118,6 +176,55 @@ impl Faults {
     /// ```
     pub fn calls(&self, syscall: Syscall) -> usize {
         STATE.with(|s| s.borrow().as_ref().map_or(0, |st| st.calls[slot(syscall)]))
+    }
+
+    /// Makes this thread's map path behave as on a kernel that does (`true`) or does not
+    /// (`false`) punch a hole at the destination of a refused clone, instead of probing
+    /// the kernel; with `true`, an injected clone refusal (EFAULT or EINVAL) really unmaps
+    /// the destination, as Linux before 6.17 does.
+    ///
+    /// ```
+    /// # use iovmap::fault::Faults;
+    /// let faults = Faults::new().assume_holes(true);
+    /// # drop(faults);
+    /// ```
+    pub fn assume_holes(self, punches: bool) -> Self {
+        STATE.with(|s| {
+            if let Some(st) = s.borrow_mut().as_mut() {
+                st.holes = Some(punches);
+            }
+        });
+        self
+    }
+
+    /// With [`Faults::assume_holes`]`(true)`: as soon as an injected clone failure has
+    /// punched its hole, fill it with a foreign mapping (private anonymous, every byte
+    /// [`SQUATTER_BYTE`]), as another thread's mmap could. The test owns it afterwards:
+    /// see [`Faults::squatter`].
+    ///
+    /// ```
+    /// # use iovmap::fault::Faults;
+    /// let faults = Faults::new().assume_holes(true).squat_in_holes();
+    /// assert_eq!(faults.squatter(), None);
+    /// ```
+    pub fn squat_in_holes(self) -> Self {
+        STATE.with(|s| {
+            if let Some(st) = s.borrow_mut().as_mut() {
+                st.squat = true;
+            }
+        });
+        self
+    }
+
+    /// The foreign mapping [`Faults::squat_in_holes`] made, as (address, length); the
+    /// caller unmaps it.
+    ///
+    /// ```
+    /// # use iovmap::fault::Faults;
+    /// assert_eq!(Faults::new().squatter(), None);
+    /// ```
+    pub fn squatter(&self) -> Option<(usize, usize)> {
+        STATE.with(|s| s.borrow().as_ref().and_then(|st| st.squatter))
     }
 
     /// Whether the chosen failure has been injected.

@@ -50,6 +50,7 @@ pub mod fault;
 #[cfg(feature = "vm-memory")]
 mod guest_memory;
 mod headroom;
+mod holes;
 mod options;
 mod place;
 pub mod plan;

@@ -11,11 +11,20 @@
 //! 5. Prefault the RAM runs if asked.
 //!
 //! Any error drops the reservation, which unmaps everything placed so far.
+//!
+//! On kernels that punch a hole at the destination of a refused clone (Linux before
+//! 6.17, see `holes.rs`), step 3 never clones into the reservation unless the source is
+//! known to clone: registered regions learn it when registered, other mappings once per
+//! call and VMA, each by a clone to an address the kernel chooses. A clone that fails
+//! anyway (the source changed under the call) leaves its range recorded as a hole: the
+//! fd fallback then uses MAP_FIXED_NOREPLACE, and the rollback leaves the hole alone.
 
+use std::collections::BTreeMap;
 use std::io;
 
 use crate::error::Error;
 use crate::headroom;
+use crate::holes::{self, is_refusal, probe_clone};
 use crate::options::MapOptions;
 use crate::plan::{Plan, Run};
 use crate::regions::{CloneState, Region, Regions};
@@ -34,11 +43,18 @@ pub(crate) fn build(plan: &Plan, regions: &Regions, opts: &MapOptions) -> Result
         index: None,
         source,
     })?;
-    let mut stats = MapStats { segments: plan.segments, runs, ..MapStats::default() };
-    match fill(&reservation, plan, regions, opts, &mut stats) {
-        Ok(()) => Ok(View::new(reservation.into_raw(), plan.lead, plan.len, stats)),
+    let mut placer = Placer {
+        reservation,
+        regions,
+        prot: opts.access.prot(),
+        holes: holes::kernel_punches_holes(),
+        probed: BTreeMap::new(),
+        stats: MapStats { segments: plan.segments, runs, ..MapStats::default() },
+    };
+    match placer.fill(plan, opts) {
+        Ok(()) => Ok(View::new(placer.reservation.into_raw(), plan.lead, plan.len, placer.stats)),
         Err(err) => {
-            drop(reservation);
+            drop(placer);
             if is_enomem(&err) { Err(headroom::explain_enomem(runs, err)) } else { Err(err) }
         }
     }
@@ -48,80 +64,150 @@ fn is_enomem(err: &Error) -> bool {
     matches!(err, Error::Os { source, .. } if source.raw_os_error() == Some(libc::ENOMEM))
 }
 
-/// Places every run, then fixes protection and prefaults.
-fn fill(
-    reservation: &Reservation,
-    plan: &Plan,
-    regions: &Regions,
-    opts: &MapOptions,
-    stats: &mut MapStats,
-) -> Result<(), Error> {
-    let base = reservation.base();
-    let prot = opts.access.prot();
-    let mut reprotect = false;
-    for run in &plan.runs {
-        debug_assert!(run.dst + run.len <= reservation.len());
-        let cloned = place(run, base + run.dst, regions, prot, stats)?;
-        reprotect |= cloned && run.prot != prot;
-    }
-    if reprotect {
-        protect(base, reservation.len(), plan, prot)?;
-    }
-    if opts.populate {
-        populate(base, plan, regions, prot & libc::PROT_WRITE != 0)?;
-    }
-    Ok(())
-}
-
-/// Whether an mremap error is the kernel refusing to clone this kind of mapping.
-fn is_refusal(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EINVAL))
-}
-
 fn region_of<'r>(run: &Run, regions: &'r Regions) -> Option<&'r Region> {
     run.fd.map(|fd| regions.get(fd.region))
 }
 
-/// Places one run at `dst`. Returns whether it was cloned (true) or fd-mapped (false).
-fn place(run: &Run, dst: usize, regions: &Regions, prot: i32, stats: &mut MapStats) -> Result<bool, Error> {
-    let region = region_of(run, regions);
-    let known_refused = region.is_some_and(|r| r.clone_state() != CloneState::Try);
-    if run.clone && !known_refused {
-        stats.syscalls += 1;
-        // SAFETY: `[dst, dst + run.len)` lies in the reservation `fill` was given (the plan
-        // keeps every run inside `map_len`), which the map path owns until it is a view.
+/// The state of one map call.
+struct Placer<'r> {
+    reservation: Reservation,
+    regions: &'r Regions,
+    prot: i32,
+    /// Whether this kernel punches a hole at the destination of a refused clone.
+    holes: bool,
+    /// On such kernels: what a clone of each source VMA (by start address) gave.
+    probed: BTreeMap<usize, Result<(), i32>>,
+    stats: MapStats,
+}
+
+impl Placer<'_> {
+    /// Places every run, then fixes protection and prefaults.
+    fn fill(&mut self, plan: &Plan, opts: &MapOptions) -> Result<(), Error> {
+        let base = self.reservation.base();
+        let mut reprotect = false;
+        for run in &plan.runs {
+            debug_assert!(run.dst + run.len <= self.reservation.len());
+            let cloned = self.place(run, base + run.dst)?;
+            reprotect |= cloned && run.prot != self.prot;
+        }
+        if reprotect {
+            protect(base, self.reservation.len(), plan, self.prot)?;
+        }
+        if opts.populate {
+            populate(base, plan, self.regions, self.prot & libc::PROT_WRITE != 0)?;
+        }
+        Ok(())
+    }
+
+    /// Places one run at `dst`. Returns whether it was cloned (true) or fd-mapped (false).
+    fn place(&mut self, run: &Run, dst: usize) -> Result<bool, Error> {
+        let region = region_of(run, self.regions);
+        let mut refusal = None;
+        if run.clone {
+            let state = region.map_or(CloneState::Unknown, Region::clone_state);
+            let clones = match state {
+                CloneState::Refused(errno) => Err(errno),
+                CloneState::Clones => Ok(()),
+                CloneState::Unknown if self.holes => self.probe(run, region)?,
+                CloneState::Unknown => Ok(()),
+            };
+            match clones {
+                Ok(()) => match self.clone_into(run, dst, region, state)? {
+                    None => return Ok(true),
+                    Some(e) => refusal = Some(e),
+                },
+                Err(errno) => refusal = Some(io::Error::from_raw_os_error(errno)),
+            }
+        }
+        let (Some(fd), Some(region_fd)) = (run.fd, region.and_then(Region::fd)) else {
+            let source = refusal.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL));
+            return Err(Error::NoFallback { index: run.first, source });
+        };
+        self.stats.syscalls += 1;
+        let placed = if self.reservation.is_hole(dst) {
+            // The kernel may have unmapped `dst` and another thread may have mapped
+            // something there since: map only if the range is still free.
+            sys::map_fd_noreplace(dst, run.len, self.prot, region_fd, fd.offset)
+                .inspect(|()| self.reservation.fill_hole(dst))
+        } else {
+            // SAFETY: `[dst, dst + run.len)` lies in the reservation (the plan keeps every
+            // run inside `map_len`), which the map path owns until it is a view.
+            unsafe { sys::map_fd_fixed(dst, run.len, self.prot, region_fd, fd.offset) }
+        };
+        placed.map_err(|e| match e.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) if self.prot & libc::PROT_WRITE != 0 => {
+                Error::NotWritable { index: run.first }
+            }
+            Some(libc::ENOMEM) => Error::Os { op: "mmap", index: Some(run.first), source: e },
+            Some(libc::EEXIST) => Error::Os {
+                op: "mmap (MAP_FIXED_NOREPLACE) into the range of a refused clone, which another thread mapped meanwhile",
+                index: Some(run.first),
+                source: e,
+            },
+            _ => Error::NoFallback { index: run.first, source: e },
+        })?;
+        self.stats.fd_mapped += 1;
+        Ok(false)
+    }
+
+    /// Clones `run` into `dst`. `Ok(None)`: placed. `Ok(Some(e))`: the kernel refused,
+    /// and the run may still be placed from an fd.
+    fn clone_into(
+        &mut self,
+        run: &Run,
+        dst: usize,
+        region: Option<&Region>,
+        state: CloneState,
+    ) -> Result<Option<io::Error>, Error> {
+        self.stats.syscalls += 1;
+        // SAFETY: `[dst, dst + run.len)` lies in the reservation (the plan keeps every run
+        // inside `map_len`), which the map path owns until it is a view.
         match unsafe { sys::clone_fixed(run.src, run.len, dst) } {
             Ok(()) => {
-                stats.cloned += 1;
-                return Ok(true);
-            }
-            Err(e) if is_refusal(&e) => match region {
-                Some(r) => {
-                    log::debug!(
-                        "iovmap: clone of {:#x}+{:#x} refused ({e}); using the registered fd from now on",
-                        run.src,
-                        run.len
-                    );
-                    r.mark_refused(e.raw_os_error().unwrap_or(libc::EINVAL));
+                self.stats.cloned += 1;
+                if let Some(r) = region.filter(|_| state == CloneState::Unknown) {
+                    r.learn(Ok(()));
                 }
-                None => return Err(Error::NoFallback { index: run.first, source: e }),
-            },
-            Err(source) => return Err(Error::Os { op: "mremap", index: Some(run.first), source }),
+                Ok(None)
+            }
+            Err(e) => {
+                if !is_refusal(&e) {
+                    // ENOMEM (the VMA cap) and the like come before the unmap on every
+                    // kernel: the destination is still ours.
+                    return Err(Error::Os { op: "mremap", index: Some(run.first), source: e });
+                }
+                if self.holes {
+                    // Known to clone, yet refused: the source changed under us. On this
+                    // kernel the destination is gone, and may be someone else's by now.
+                    self.reservation.mark_hole(dst, run.len);
+                }
+                log::debug!("iovmap: clone of {:#x}+{:#x} refused ({e}); using the registered fd", run.src, run.len);
+                if let Some(r) = region {
+                    r.learn(Err(e.raw_os_error().unwrap_or(libc::EINVAL)));
+                }
+                Ok(Some(e))
+            }
         }
     }
-    let (Some(fd), Some(region_fd)) = (run.fd, region.and_then(Region::fd)) else {
-        // The planner gives every run a clone or an fd; a run with neither cannot be placed.
-        return Err(Error::NoFallback { index: run.first, source: io::Error::from_raw_os_error(libc::EINVAL) });
-    };
-    stats.syscalls += 1;
-    // SAFETY: as for the clone above.
-    unsafe { sys::map_fd_fixed(dst, run.len, prot, region_fd, fd.offset) }.map_err(|e| match e.raw_os_error() {
-        Some(libc::EACCES | libc::EPERM) if prot & libc::PROT_WRITE != 0 => Error::NotWritable { index: run.first },
-        Some(libc::ENOMEM) => Error::Os { op: "mmap", index: Some(run.first), source: e },
-        _ => Error::NoFallback { index: run.first, source: e },
-    })?;
-    stats.fd_mapped += 1;
-    Ok(false)
+
+    /// On kernels that punch holes: whether the run's source VMA clones, learned once per
+    /// call by a clone to an address the kernel chooses, never into the reservation.
+    fn probe(&mut self, run: &Run, region: Option<&Region>) -> Result<Result<(), i32>, Error> {
+        if let Some(known) = self.probed.get(&run.vma) {
+            return Ok(*known);
+        }
+        self.stats.syscalls += 1;
+        let clones = probe_clone(run.src, run.page_size).map_err(|source| Error::Os {
+            op: "mremap (clone probe)",
+            index: Some(run.first),
+            source,
+        })?;
+        self.probed.insert(run.vma, clones);
+        if let Some(r) = region {
+            r.learn(clones);
+        }
+        Ok(clones)
+    }
 }
 
 /// Gives the whole view the protection asked for. A clone inherits its source's
@@ -134,17 +220,13 @@ fn protect(base: usize, len: usize, plan: &Plan, prot: i32) -> Result<(), Error>
     for run in &plan.runs {
         // SAFETY: one run of the same reservation.
         if let Err(e) = unsafe { sys::protect(base + run.dst, run.len, prot) } {
-            return Err(protect_error(run, prot, e));
+            return Err(match e.raw_os_error() {
+                Some(libc::EACCES) if prot & libc::PROT_WRITE != 0 => Error::NotWritable { index: run.first },
+                _ => Error::Os { op: "mprotect", index: Some(run.first), source: e },
+            });
         }
     }
     Err(Error::Os { op: "mprotect", index: None, source: err })
-}
-
-fn protect_error(run: &Run, prot: i32, e: io::Error) -> Error {
-    match e.raw_os_error() {
-        Some(libc::EACCES) if prot & libc::PROT_WRITE != 0 => Error::NotWritable { index: run.first },
-        _ => Error::Os { op: "mprotect", index: Some(run.first), source: e },
-    }
 }
 
 /// Whether a run is device memory (VM_PFNMAP/VM_IO), which cannot be prefaulted: its

@@ -75,6 +75,8 @@ pub struct Run {
     pub src: usize,
     /// Whether `[src, src + len)` lies in one VMA, so that one clone places it.
     pub clone: bool,
+    /// Start of the VMA of the run's first piece (the VMA a clone copies).
+    pub vma: usize,
     /// The registered fd that can place the run, when every piece of it is registered
     /// and the pieces are contiguous in one file.
     pub fd: Option<FdSource>,
@@ -315,6 +317,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
                 len: 0,
                 src,
                 clone: true,
+                vma: vma.start,
                 fd: region.zip(fd_offset.flatten()).map(|(region, offset)| FdSource { region, offset }),
                 page_size,
                 prot: vma.prot,
@@ -390,7 +393,18 @@ mod tests {
         assert_eq!(p.len, n * P);
         assert_eq!(
             p.runs[0],
-            Run { dst: 0, len: n * P, src: base, clone: true, fd: None, page_size: P, prot: RW, first: 0, last: n - 1 }
+            Run {
+                dst: 0,
+                len: n * P,
+                src: base,
+                clone: true,
+                vma: base,
+                fd: None,
+                page_size: P,
+                prot: RW,
+                first: 0,
+                last: n - 1
+            }
         );
     }
 
@@ -533,8 +547,11 @@ mod tests {
         ];
         let p = run_plan(&[iov(0x11000, P), iov(0x13000, P)], &vmas, &regions).unwrap();
         assert_eq!(p.runs.len(), 2);
-        let e = run_plan(&[iov(0x11000, P), iov(0x11800, 0x1000)], &vmas, &regions).unwrap_err();
+        // The second segment continues the first, then runs on into the hole.
+        let e = run_plan(&[iov(0x10000, P), iov(0x11000, 0x1800)], &vmas, &regions).unwrap_err();
         assert!(matches!(e, Error::DeviceHole { index: 1 }), "{e:?}");
+        let e = run_plan(&[iov(0x12800, 0x100)], &vmas, &regions).unwrap_err();
+        assert!(matches!(e, Error::DeviceHole { index: 0 }), "{e:?}");
     }
 
     #[test]

@@ -62,8 +62,10 @@ impl RegionSpan {
 /// What iovmap has learned about cloning a region's mappings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CloneState {
-    /// Not tried yet (or it worked): try the clone first.
-    Try,
+    /// Not known: try the clone first (or, on kernels that punch holes, find out first).
+    Unknown,
+    /// A clone of it worked.
+    Clones,
     /// The kernel refused with this errno: go straight to the fd.
     Refused(i32),
 }
@@ -77,14 +79,14 @@ pub(crate) struct Region {
     /// The registration this region was made by: one `register` call, or all the areas
     /// and holes of one `register_vfio_region` call. `unregister` removes a whole group.
     group: u64,
-    /// 0: clone not known to be refused; otherwise the errno of the refusal.
-    refused: AtomicI32,
+    /// 0: not known; -1: a clone worked; otherwise the errno of the refusal.
+    clone: AtomicI32,
 }
 
 impl Region {
     pub(crate) fn new(span: RegionSpan, fd: Option<OwnedFd>, group: u64) -> Self {
         debug_assert_eq!(span.mappable, fd.is_some());
-        Region { span, fd, group, refused: AtomicI32::new(0) }
+        Region { span, fd, group, clone: AtomicI32::new(0) }
     }
 
     /// The fd; the planner never gives a hole a run, so a hole has none to give.
@@ -93,16 +95,17 @@ impl Region {
     }
 
     pub(crate) fn clone_state(&self) -> CloneState {
-        match self.refused.load(Ordering::Relaxed) {
-            0 => CloneState::Try,
+        match self.clone.load(Ordering::Relaxed) {
+            0 => CloneState::Unknown,
+            -1 => CloneState::Clones,
             errno => CloneState::Refused(errno),
         }
     }
 
-    /// Remembers, for later runs and later map calls, that the kernel refused to clone
-    /// this region's mapping.
-    pub(crate) fn mark_refused(&self, errno: i32) {
-        self.refused.store(errno.max(1), Ordering::Relaxed);
+    /// Remembers, for later runs and later map calls, whether the kernel clones this
+    /// region's mapping (`Ok`) or refuses with an errno.
+    pub(crate) fn learn(&self, clone: Result<(), i32>) {
+        self.clone.store(clone.map_or_else(|errno| errno.max(1), |()| -1), Ordering::Relaxed);
     }
 }
 

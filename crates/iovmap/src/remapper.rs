@@ -8,7 +8,7 @@ use crate::plan::{self, Plan, VmaSource};
 use crate::regions::{FileId, Region, RegionSpan, Regions};
 use crate::view::View;
 use crate::vma::ProcessVmas;
-use crate::{place, sys};
+use crate::{holes, place, sys};
 
 /// Builds contiguous views of iovec lists, with the fds of the memory the kernel will
 /// not clone.
@@ -112,7 +112,9 @@ impl Remapper {
         let span = self.check_region(addr as usize, len, fd, offset, &mut ProcessVmas::new())?;
         let dup = sys::dup_cloexec(fd).map_err(|e| invalid(format!("cannot duplicate the fd: {e}")))?;
         let group = self.regions.new_group();
-        self.regions.insert(Region::new(span, Some(dup), group));
+        let region = Region::new(span, Some(dup), group);
+        holes::learn_at_registration(&region);
+        self.regions.insert(region);
         Ok(())
     }
 

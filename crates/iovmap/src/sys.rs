@@ -40,6 +40,9 @@ pub enum Syscall {
     Trim,
     /// Cloning a run into the reservation (`mremap` with `old_size` 0).
     Clone,
+    /// Learning whether a mapping can be cloned, by a clone to an address the kernel
+    /// chooses (on kernels that punch holes; see `docs/design.md`).
+    CloneProbe,
     /// Mapping a registered fd into the reservation (`mmap` with `MAP_FIXED`).
     FdMap,
     /// The final protection change of the view (`mprotect`).
@@ -57,12 +60,13 @@ impl Syscall {
     /// Every syscall the injector can name, in a fixed order.
     ///
     /// ```
-    /// assert_eq!(iovmap::fault::Syscall::ALL.len(), 8);
+    /// assert_eq!(iovmap::fault::Syscall::ALL.len(), 9);
     /// ```
-    pub const ALL: [Syscall; 8] = [
+    pub const ALL: [Syscall; 9] = [
         Syscall::Reserve,
         Syscall::Trim,
         Syscall::Clone,
+        Syscall::CloneProbe,
         Syscall::FdMap,
         Syscall::Protect,
         Syscall::Populate,
@@ -134,7 +138,17 @@ pub(crate) unsafe fn trim(addr: usize, len: usize) -> io::Result<()> {
 /// `[dst, dst + len)` must lie inside a reservation the caller owns; whatever is mapped
 /// there is replaced.
 pub(crate) unsafe fn clone_fixed(src: usize, len: usize, dst: usize) -> io::Result<()> {
-    inject(Syscall::Clone)?;
+    #[cfg(feature = "fault-injection")]
+    if let Err(e) = inject(Syscall::Clone) {
+        if crate::fault::emulating_holes() && matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EINVAL)) {
+            // Behave like Linux before 6.17: a refused MREMAP_FIXED (EFAULT, EINVAL) has
+            // unmapped dst; other failures (ENOMEM) come before the unmap.
+            // SAFETY: `dst` is owned by the caller (contract above).
+            unsafe { libc::munmap(dst as *mut libc::c_void, len) };
+            crate::fault::squat(dst, len);
+        }
+        return Err(e);
+    }
     // SAFETY: the kernel validates `src` (EFAULT if unmapped); `dst` is owned by the
     // caller, so replacing what is there is the intended effect.
     let ret = unsafe {
@@ -147,6 +161,16 @@ pub(crate) unsafe fn clone_fixed(src: usize, len: usize, dst: usize) -> io::Resu
         )
     };
     check_ptr(ret).map(drop)
+}
+
+/// Clones `[src, src + len)` to an address the kernel chooses and returns it: learns
+/// whether a mapping can be cloned without touching any range iovmap owns (on kernels
+/// that punch a hole at the destination of a refused clone).
+pub(crate) fn clone_anywhere(src: usize, len: usize) -> io::Result<usize> {
+    inject(Syscall::CloneProbe)?;
+    // SAFETY: without MREMAP_FIXED the kernel picks a free destination, and old_size 0
+    // leaves the source mapping in place: no existing mapping is changed.
+    check_ptr(unsafe { libc::mremap(src as *mut libc::c_void, 0, len, libc::MREMAP_MAYMOVE) })
 }
 
 /// Maps `len` bytes of `fd` from `offset` at exactly `dst`, MAP_SHARED.
@@ -168,6 +192,82 @@ pub(crate) unsafe fn map_fd_fixed(
         libc::mmap(dst as *mut libc::c_void, len, prot, libc::MAP_SHARED | libc::MAP_FIXED, fd.as_raw_fd(), offset)
     };
     check_ptr(ret).map(drop)
+}
+
+/// Maps `len` bytes of `fd` from `offset` at exactly `dst`, MAP_SHARED, only if nothing
+/// is mapped there (MAP_FIXED_NOREPLACE): EEXIST if anything is. Used where a range of
+/// the reservation may have become a hole that another thread could have taken.
+pub(crate) fn map_fd_noreplace(
+    dst: usize,
+    len: usize,
+    prot: libc::c_int,
+    fd: BorrowedFd<'_>,
+    offset: u64,
+) -> io::Result<()> {
+    inject(Syscall::FdMap)?;
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no memory anyone
+    // relies on can change; `fd` is a live descriptor.
+    let ret = unsafe {
+        libc::mmap(
+            dst as *mut libc::c_void,
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
+            fd.as_raw_fd(),
+            offset,
+        )
+    };
+    match check_ptr(ret) {
+        // Kernels before 4.17 ignore the flag and may return another address.
+        Ok(at) if at != dst => {
+            // SAFETY: the mapping just made at `at` is ours and nothing refers to it.
+            unsafe { libc::munmap(at as *mut libc::c_void, len) };
+            Err(io::Error::from_raw_os_error(libc::EEXIST))
+        }
+        r => r.map(drop),
+    }
+}
+
+/// Creates a memfd (close-on-exec).
+pub(crate) fn memfd(name: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a valid C string; the result is checked.
+    let fd = check_int(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets the size of a file.
+pub(crate) fn truncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: ftruncate on a live descriptor.
+    check_int(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }).map(drop)
+}
+
+/// Maps `len` bytes of `fd` from `offset`, shared, where the kernel chooses.
+pub(crate) fn map_shared(len: usize, prot: libc::c_int, fd: BorrowedFd<'_>, offset: u64) -> io::Result<usize> {
+    // SAFETY: NULL address and no MAP_FIXED: the kernel picks free space, so no existing
+    // mapping can be replaced.
+    check_ptr(unsafe {
+        libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), offset as libc::off_t)
+    })
+}
+
+/// `mremap(old, old_len, new_len, MREMAP_FIXED | MREMAP_MAYMOVE, dst)`: a move.
+///
+/// # Safety
+/// `[old, old + old_len)` and `[dst, dst + new_len)` must belong to the caller.
+pub(crate) unsafe fn move_fixed(old: usize, old_len: usize, new_len: usize, dst: usize) -> io::Result<usize> {
+    // SAFETY: forwarded to the caller's contract.
+    check_ptr(unsafe {
+        libc::mremap(
+            old as *mut libc::c_void,
+            old_len,
+            new_len,
+            libc::MREMAP_FIXED | libc::MREMAP_MAYMOVE,
+            dst as *mut libc::c_void,
+        )
+    })
 }
 
 /// Changes the protection of `[addr, addr + len)`.

@@ -196,7 +196,9 @@ impl Remapper {
         }
         let group = self.regions.new_group();
         for (span, fd) in spans.into_iter().zip(fds) {
-            self.regions.insert(Region::new(span, fd, group));
+            let region = Region::new(span, fd, group);
+            crate::holes::learn_at_registration(&region);
+            self.regions.insert(region);
         }
         Ok(())
     }

@@ -31,8 +31,15 @@ fn main() {
         ("too_many_runs_are_refused_before_placing", too_many_runs_are_refused_before_placing),
         ("vma_cap_hit_while_placing_is_rolled_back", vma_cap_hit_while_placing_is_rolled_back),
         ("threads_share_a_remapper_without_leaks", threads_share_a_remapper_without_leaks),
+        ("hole_kernels_learn_refusals_without_cloning_into_the_reservation", hole_kernels_learn_refusals),
+        ("hole_kernels_never_clobber_or_unmap_a_foreign_mapping", hole_kernels_never_clobber),
+        ("hole_kernels_roll_back_a_refusal_at_every_clone", hole_kernels_refusal_sweep),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    // glibc creates a malloc arena (two VMAs) whenever threads contend for one, which on
+    // a loaded machine happens at any time: one arena keeps the process's VMAs ours.
+    // SAFETY: mallopt is called before any thread of this process starts.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     warm_up();
     let mut failed = Vec::new();
     let mut ran = 0;
@@ -279,7 +286,14 @@ fn injected_failures_roll_back_at_every_syscall() {
         drop(s.remapper.map_with(&s.list, &s.opts).unwrap());
     }
     println!("  injected {injected} failures across {} scenarios, at {reached:?}", scenarios.len());
-    let mut must = vec!["Reserve", "Clone", "Protect", "Populate", "VmaQuery", "VmaCount"];
+    // VMA lookups are PROCMAP_QUERY ioctls (Linux 6.11+) or reads of /proc/self/maps.
+    let mut must = vec!["Reserve", "Clone", "Protect", "Populate", "VmaCount"];
+    if kit::has_procmap_query() {
+        must.push("VmaQuery");
+    }
+    if iovmap::fault::kernel_punches_holes() {
+        must.push("CloneProbe");
+    }
     if bpf.is_some() || ring.is_some() {
         must.push("FdMap");
     }
@@ -404,4 +418,145 @@ fn threads_share_a_remapper_without_leaks() {
     let checked = threads_workload(&r, &ram, bpf.as_ref(), 4, 1000);
     before.assert_unchanged("4 threads x 1,000 views");
     assert_eq!(checked, 400);
+}
+
+// Kernels that punch holes (Linux before 6.17) are emulated here with
+// `Faults::assume_holes(true)`: the map path takes its hole-safe branch, and an injected
+// clone refusal really unmaps its destination, as 6.1 does. The guest VM test
+// (crates/iovmap-vmtest) runs the same path on a real 6.1 kernel and vfio BAR.
+
+fn hole_kernels_learn_refusals() {
+    let p = page();
+    let ram = GuestRam::new(16 * p).unwrap();
+    ram.fill(21);
+    let Ok(ring) = PerfRing::new(2) else {
+        eprintln!("SKIP hole_kernels_learn_refusals: no perf ring");
+        return;
+    };
+    let faults = Faults::new().assume_holes(true);
+    let mut r = Remapper::new();
+    r.register(ring.map.ptr(), ring.map.len(), ring.fd(), 0).unwrap();
+    assert_eq!(faults.calls(Syscall::CloneProbe), 1, "registration learns the refusal");
+    let list = [ram.iov(0, p), ring.map.iov(0, ring.map.len()), ram.iov(4 * p, p)];
+    let view = r.map(&list).unwrap();
+    let s = view.stats();
+    assert_eq!((s.cloned, s.fd_mapped), (2, 1));
+    assert_eq!(s.syscalls, 4, "one probe of the RAM, two clones, one fd map: no refused clone");
+    assert_eq!(faults.calls(Syscall::Clone), 2, "only clones known to work went into the reservation");
+    // SAFETY: the sources are live fixtures nothing writes meanwhile.
+    let want = unsafe { iovmap_peers::gather(&list) };
+    // SAFETY: the view is live for len() bytes.
+    assert_eq!(unsafe { kit::first_difference(view.as_ptr(), want.as_ptr(), want.len()) }, None);
+    drop(view);
+    // Unregistered: the probe refuses, and nothing is cloned into the reservation.
+    let e = iovmap::map(&[ring.map.iov(0, ring.map.len())]).unwrap_err();
+    assert!(matches!(e, Error::NoFallback { index: 0, .. }), "{e:?}");
+    assert_eq!(faults.calls(Syscall::Clone), 2);
+    assert_eq!(faults.calls(Syscall::CloneProbe), 3);
+}
+
+fn hole_kernels_never_clobber() {
+    let p = page();
+    let ram = GuestRam::new(16 * p).unwrap();
+    ram.fill(22);
+    let list = [ram.iov(0, p), ram.iov(4 * p, 2 * p), ram.iov(8 * p, p)];
+    let registered = || {
+        let _learn = Faults::new().assume_holes(true);
+        let mut r = Remapper::new();
+        r.register(ram.ptr(), ram.len(), ram.fd(), 0).unwrap();
+        r
+    };
+    let r1 = registered();
+    let r2 = registered();
+    let before = Counts::now();
+
+    // The second clone is refused anyway (as if the source changed under the call). The
+    // kernel has unmapped its destination; nobody took it: the fd fills it without
+    // replacing anything, and the view is right.
+    {
+        let faults = Faults::new().assume_holes(true).fail(Syscall::Clone, 1, libc::EFAULT);
+        let view = r1.map(&list).unwrap();
+        assert!(faults.fired());
+        // The refusal is learned: the third run goes to the fd directly.
+        assert_eq!((view.stats().cloned, view.stats().fd_mapped), (1, 2));
+        // SAFETY: live fixtures and view.
+        let want = unsafe { iovmap_peers::gather(&list) };
+        assert_eq!(unsafe { kit::first_difference(view.as_ptr(), want.as_ptr(), want.len()) }, None);
+    }
+    before.assert_unchanged("refused clone, hole refilled by MAP_FIXED_NOREPLACE");
+
+    // Another thread maps into the hole first: iovmap must neither overwrite nor unmap it.
+    for (what, remapper) in [("registered", Some(&r2)), ("unregistered", None)] {
+        let faults = Faults::new().assume_holes(true).fail(Syscall::Clone, 1, libc::EFAULT).squat_in_holes();
+        let e = match remapper {
+            Some(r) => r.map(&list).unwrap_err(),
+            None => iovmap::map(&list).unwrap_err(),
+        };
+        let (at, len) = faults.squatter().expect("the injected refusal punched a hole and it was taken");
+        drop(faults);
+        match (what, &e) {
+            ("registered", Error::Os { source, .. }) => assert_eq!(source.raw_os_error(), Some(libc::EEXIST), "{e}"),
+            ("unregistered", Error::NoFallback { index: 1, .. }) => {}
+            _ => panic!("{what}: {e:?}"),
+        }
+        // SAFETY: the squatter mapping is live (that is the point) for `len` bytes.
+        let intact = unsafe { std::slice::from_raw_parts(at as *const u8, len) }
+            .iter()
+            .all(|&b| b == iovmap::fault::SQUATTER_BYTE);
+        assert!(intact, "{what}: the foreign mapping in the hole was overwritten");
+        assert_eq!(kit::count_vmas(), before.vmas + 1, "{what}: exactly the foreign mapping remains");
+        // SAFETY: the squatter is this test's mapping, made by the fault injector.
+        unsafe { libc::munmap(at as *mut libc::c_void, len) };
+        before.assert_unchanged(what);
+    }
+}
+
+fn hole_kernels_refusal_sweep() {
+    let p = page();
+    let ram = GuestRam::new(64 * p).unwrap();
+    ram.fill(23);
+    let bpf = BpfArray::new(8).ok();
+    // Half of guest RAM registered, half not; a BPF array (refused) when we have one.
+    let mut list: Vec<libc::iovec> = (0..6).map(|i| ram.iov(i * 10 * p, 2 * p)).collect();
+    if let Some(a) = &bpf {
+        list.insert(3, a.map.iov(2 * p, p));
+    }
+    let fresh = || {
+        let _learn = Faults::new().assume_holes(true);
+        let mut r = Remapper::new();
+        r.register(ram.ptr(), 32 * p, ram.fd(), 0).unwrap();
+        if let Some(a) = &bpf {
+            r.register(a.map.ptr(), a.map.len(), a.fd(), 0).unwrap();
+        }
+        r
+    };
+    let clones = {
+        let r = fresh();
+        let faults = Faults::new().assume_holes(true);
+        drop(r.map(&list).unwrap());
+        faults.calls(Syscall::Clone)
+    };
+    assert!(clones >= 6);
+    let (mut refilled, mut refused) = (0, 0);
+    for k in 0..clones {
+        let before = Counts::now();
+        let r = fresh();
+        let faults = Faults::new().assume_holes(true).fail(Syscall::Clone, k, libc::EFAULT);
+        match r.map(&list) {
+            Ok(view) => {
+                // SAFETY: live fixtures and view.
+                let want = unsafe { iovmap_peers::gather(&list) };
+                assert_eq!(unsafe { kit::first_difference(view.as_ptr(), want.as_ptr(), want.len()) }, None);
+                refilled += 1;
+            }
+            Err(Error::NoFallback { .. }) => refused += 1,
+            Err(e) => panic!("refusal at clone #{k}: {e:?}"),
+        }
+        assert!(faults.fired());
+        drop(faults);
+        drop(r);
+        before.assert_unchanged(&format!("refusal at clone #{k}"));
+    }
+    println!("  {clones} refusals: {refilled} refilled from the fd, {refused} without a fallback");
+    assert!(refilled > 0 && refused > 0, "both the registered and the unregistered half were hit");
 }
