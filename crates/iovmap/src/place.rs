@@ -26,7 +26,7 @@ use crate::error::Error;
 use crate::headroom;
 use crate::holes::{self, is_refusal, probe_clone};
 use crate::options::MapOptions;
-use crate::plan::{Plan, Run};
+use crate::plan::{Clonability, Plan, Run, Strategy, strategy};
 use crate::regions::{CloneState, Region, Regions};
 use crate::reservation::Reservation;
 use crate::sys;
@@ -102,24 +102,37 @@ impl Placer<'_> {
     /// Places one run at `dst`. Returns whether it was cloned (true) or fd-mapped (false).
     fn place(&mut self, run: &Run, dst: usize) -> Result<bool, Error> {
         let region = region_of(run, self.regions);
-        let mut refusal = None;
-        if run.clone {
-            let state = region.map_or(CloneState::Unknown, Region::clone_state);
-            let clones = match state {
-                CloneState::Refused(errno) => Err(errno),
-                CloneState::Clones => Ok(()),
-                CloneState::Unknown if self.holes => self.probe(run, region)?,
-                CloneState::Unknown => Ok(()),
-            };
-            match clones {
-                Ok(()) => match self.clone_into(run, dst, region, state)? {
-                    None => return Ok(true),
-                    Some(e) => refusal = Some(e),
-                },
-                Err(errno) => refusal = Some(io::Error::from_raw_os_error(errno)),
+        let known = match region.map(Region::clone_state) {
+            Some(CloneState::Clones) => Clonability::Clones,
+            Some(CloneState::Refused(_)) => Clonability::Refused,
+            _ => match self.probed.get(&run.vma) {
+                Some(Ok(())) => Clonability::Clones,
+                Some(Err(_)) => Clonability::Refused,
+                None => Clonability::Unknown,
+            },
+        };
+        let mut refusal = match region.map(Region::clone_state) {
+            Some(CloneState::Refused(errno)) => Some(io::Error::from_raw_os_error(errno)),
+            _ => None,
+        };
+        let mut step = strategy(run, known, self.holes);
+        if step == Strategy::Probe {
+            let learned = self.probe(run, region)?;
+            if let Err(errno) = learned {
+                refusal = Some(io::Error::from_raw_os_error(errno));
+            }
+            step = strategy(run, if learned.is_ok() { Clonability::Clones } else { Clonability::Refused }, self.holes);
+        }
+        if step == Strategy::Clone {
+            match self.clone_into(run, dst, region, known)? {
+                None => return Ok(true),
+                Some(e) => {
+                    refusal = Some(e);
+                    step = strategy(run, Clonability::Refused, self.holes);
+                }
             }
         }
-        let (Some(fd), Some(region_fd)) = (run.fd, region.and_then(Region::fd)) else {
+        let (Strategy::Fd, Some(fd), Some(region_fd)) = (step, run.fd, region.and_then(Region::fd)) else {
             let source = refusal.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL));
             return Err(Error::NoFallback { index: run.first, source });
         };
@@ -157,7 +170,7 @@ impl Placer<'_> {
         run: &Run,
         dst: usize,
         region: Option<&Region>,
-        state: CloneState,
+        known: Clonability,
     ) -> Result<Option<io::Error>, Error> {
         self.stats.syscalls += 1;
         // SAFETY: `[dst, dst + run.len)` lies in the reservation (the plan keeps every run
@@ -165,7 +178,7 @@ impl Placer<'_> {
         match unsafe { sys::clone_fixed(run.src, run.len, dst) } {
             Ok(()) => {
                 self.stats.cloned += 1;
-                if let Some(r) = region.filter(|_| state == CloneState::Unknown) {
+                if let Some(r) = region.filter(|_| known == Clonability::Unknown) {
                     r.learn(Ok(()));
                 }
                 Ok(None)

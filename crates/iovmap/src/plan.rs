@@ -119,6 +119,59 @@ pub struct Plan {
     pub align: usize,
 }
 
+/// What is known about cloning a run's source mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clonability {
+    /// Nothing yet.
+    Unknown,
+    /// A clone of it worked.
+    Clones,
+    /// The kernel refused to clone it.
+    Refused,
+}
+
+/// How the map path places a run: the strategy, chosen from the run and what is known
+/// about its source, with no syscall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Clone it into the reservation; if the kernel refuses, continue with
+    /// `strategy(run, Clonability::Refused, ..)`.
+    Clone,
+    /// First learn whether its source clones, by a clone to an address the kernel
+    /// chooses (kernels that punch holes), then continue with what was learned.
+    Probe,
+    /// Map the registered fd at the run's offset.
+    Fd,
+    /// Nothing can place it: the clone is refused and no fd is registered.
+    Fail,
+}
+
+/// Chooses how to place `run`, given what is known about cloning its source and whether
+/// this kernel punches a hole at the destination of a refused clone.
+///
+/// ```
+/// use iovmap::plan::{plan, strategy, Clonability, Strategy, Vma};
+/// let rw = libc::PROT_READ | libc::PROT_WRITE;
+/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000 }];
+/// let run = plan(&[libc::iovec { iov_base: 0x10000 as *mut _, iov_len: 0x1000 }], &mut vmas[..], &[], 0x1000)?.runs[0];
+/// assert_eq!(strategy(&run, Clonability::Unknown, false), Strategy::Clone);
+/// assert_eq!(strategy(&run, Clonability::Unknown, true), Strategy::Probe);
+/// assert_eq!(strategy(&run, Clonability::Refused, false), Strategy::Fail); // not registered
+/// # Ok::<(), iovmap::Error>(())
+/// ```
+pub fn strategy(run: &Run, clonability: Clonability, kernel_punches_holes: bool) -> Strategy {
+    let fallback = if run.fd.is_some() { Strategy::Fd } else { Strategy::Fail };
+    if !run.clone {
+        return fallback;
+    }
+    match clonability {
+        Clonability::Refused => fallback,
+        Clonability::Clones => Strategy::Clone,
+        Clonability::Unknown if kernel_punches_holes => Strategy::Probe,
+        Clonability::Unknown => Strategy::Clone,
+    }
+}
+
 /// The run being built.
 struct Open {
     run: Run,
@@ -552,6 +605,26 @@ mod tests {
         assert!(matches!(e, Error::DeviceHole { index: 1 }), "{e:?}");
         let e = run_plan(&[iov(0x12800, 0x100)], &vmas, &regions).unwrap_err();
         assert!(matches!(e, Error::DeviceHole { index: 0 }), "{e:?}");
+    }
+
+    #[test]
+    fn strategies_follow_what_is_known() {
+        let vmas = [shared(0x10000, 0x14000), shared(0x14000, 0x18000)];
+        let regions = [span(0x10000, 0x18000, 0, 7)];
+        let registered_crossing = run_plan(&[iov(0x13000, 2 * P)], &vmas, &regions).unwrap().runs[0];
+        let registered = run_plan(&[iov(0x11000, P)], &vmas, &regions).unwrap().runs[0];
+        let plain = run_plan(&[iov(0x11000, P)], &vmas, &[]).unwrap().runs[0];
+        use Clonability::*;
+        for holes in [false, true] {
+            for c in [Unknown, Clones, Refused] {
+                assert_eq!(strategy(&registered_crossing, c, holes), Strategy::Fd, "a run across VMAs is never cloned");
+            }
+            assert_eq!(strategy(&registered, Refused, holes), Strategy::Fd);
+            assert_eq!(strategy(&plain, Refused, holes), Strategy::Fail);
+            assert_eq!(strategy(&plain, Clones, holes), Strategy::Clone);
+        }
+        assert_eq!(strategy(&plain, Unknown, false), Strategy::Clone);
+        assert_eq!(strategy(&plain, Unknown, true), Strategy::Probe);
     }
 
     #[test]
