@@ -3,7 +3,9 @@
 #
 # Installs iovmap's C library as cargo built it: include/iovmap.h, libiovmap.a,
 # libiovmap.so.ABI (its SONAME, see build.rs) with the libiovmap.so link, and a
-# pkg-config file, iovmap.pc, made from iovmap.pc.in.
+# pkg-config file, iovmap.pc, made from iovmap.pc.in. Cargo names the libraries
+# libiovmap_capi.a and libiovmap_capi.so (the crate's library is iovmap_capi, apart from
+# the iovmap crate's); they are installed under their C names.
 #
 #   cargo build --release -p iovmap-capi
 #   crates/iovmap-capi/install.sh [--prefix /usr/local] [--libdir DIR] [--includedir DIR]
@@ -39,7 +41,7 @@ while [ $# -gt 0 ]; do
             shift 2
             ;;
         -h | --help)
-            sed -n '3,16p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '3,17p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *) die "unknown argument $1 (see --help)" ;;
@@ -55,7 +57,7 @@ for d in "$prefix" "$libdir" "$includedir" "$pkgconfigdir"; do
         *) die "$d is not an absolute path" ;;
     esac
 done
-for f in libiovmap.a libiovmap.so; do
+for f in libiovmap_capi.a libiovmap_capi.so; do
     [ -f "$from/$f" ] || die "$from/$f is missing: run cargo build --release -p iovmap-capi first (or pass --from)"
 done
 
@@ -82,8 +84,8 @@ pc_path() {
 
 install -d "$destdir$libdir" "$destdir$includedir" "$destdir$pkgconfigdir"
 install -m 644 "$here/include/iovmap.h" "$destdir$includedir/iovmap.h"
-install -m 644 "$from/libiovmap.a" "$destdir$libdir/libiovmap.a"
-install -m 755 "$from/libiovmap.so" "$destdir$libdir/libiovmap.so.$abi"
+install -m 644 "$from/libiovmap_capi.a" "$destdir$libdir/libiovmap.a"
+install -m 755 "$from/libiovmap_capi.so" "$destdir$libdir/libiovmap.so.$abi"
 ln -sf "libiovmap.so.$abi" "$destdir$libdir/libiovmap.so"
 sed -e "s|@PREFIX@|$prefix|" \
     -e "s|@LIBDIR@|$(pc_path "$libdir")|" \

@@ -77,7 +77,7 @@ impl IovmapCode {
     /// The `int` a function returns for this code.
     ///
     /// ```
-    /// assert_eq!(iovmap::IOVMAP_E_EMPTY.raw(), -2);
+    /// assert_eq!(iovmap_capi::IOVMAP_E_EMPTY.raw(), -2);
     /// ```
     pub const fn raw(self) -> c_int {
         self as c_int
@@ -86,8 +86,8 @@ impl IovmapCode {
     /// The code an `int` stands for, if any.
     ///
     /// ```
-    /// use iovmap::IovmapCode;
-    /// assert_eq!(IovmapCode::from_raw(-7), Some(iovmap::IOVMAP_E_NO_FALLBACK));
+    /// use iovmap_capi::IovmapCode;
+    /// assert_eq!(IovmapCode::from_raw(-7), Some(iovmap_capi::IOVMAP_E_NO_FALLBACK));
     /// assert_eq!(IovmapCode::from_raw(1), None);
     /// ```
     pub fn from_raw(code: c_int) -> Option<IovmapCode> {

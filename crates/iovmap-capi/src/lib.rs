@@ -13,11 +13,15 @@
 //! `tests/header.rs` fails when it is stale. `docs/c-api.md` in the repository is the
 //! guide for C users: ownership, threads, linking from Makefile and meson.
 //!
+//! In Rust the crate is `iovmap_capi`, so cargo builds `libiovmap_capi.a` and
+//! `libiovmap_capi.so`; `install.sh` installs them as `libiovmap.a` and
+//! `libiovmap.so.<abi>` (the SONAME) with the `libiovmap.so` link, for `-liovmap`.
+//!
 //! The same calls from Rust (what the C example does, in short):
 //!
 //! ```
 //! use std::ptr;
-//! use iovmap::*;
+//! use iovmap_capi::*;
 //! let page = 4096;
 //! // Shared memory of 4 pages stands in for guest RAM.
 //! let ram = unsafe {
@@ -48,7 +52,7 @@
 //! ```
 //! use std::ffi::CStr;
 //! use std::ptr;
-//! use iovmap::*;
+//! use iovmap_capi::*;
 //! let private = vec![0u8; 3 * 4096]; // heap memory: private, cannot be aliased
 //! let list = [
 //!     libc::iovec { iov_base: ptr::null_mut(), iov_len: 0 }, // skipped

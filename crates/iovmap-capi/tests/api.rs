@@ -7,7 +7,7 @@ use std::ffi::{CStr, c_int, c_uint, c_void};
 use std::os::fd::{AsFd, AsRawFd};
 use std::ptr;
 
-use iovmap::*;
+use iovmap_capi::*;
 use iovmap_testkit::{self as kit, GuestRam, Mapping, PerfRing, iov, skip};
 
 fn page() -> usize {

@@ -1,12 +1,13 @@
 //! `examples/c/remap.c` compiled with the system C compiler against the library cargo
-//! just built (`libiovmap.a`, then `libiovmap.so`), run, and its output checked.
+//! just built (`libiovmap_capi.a`, then `libiovmap_capi.so` as `-liovmap`), run, and its
+//! output checked.
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
 
-use common::{NATIVE_STATIC_LIBS, cc, crate_dir, include_dir, lib_dir, run, scratch};
+use common::{NATIVE_STATIC_LIBS, c_named_libs, cc, crate_dir, include_dir, run, scratch, static_lib};
 
 /// Warnings are errors: the example is what C users copy.
 const CFLAGS: &[&str] = &["-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-pedantic"];
@@ -58,7 +59,7 @@ fn c_example_runs_linked_with_the_static_library() {
         .arg("-I")
         .arg(include_dir())
         .arg(example())
-        .arg(lib_dir().join("libiovmap.a"))
+        .arg(static_lib())
         .args(NATIVE_STATIC_LIBS)
         .arg("-o")
         .arg(&exe));
@@ -70,25 +71,24 @@ fn c_example_runs_linked_with_the_static_library() {
 fn c_example_runs_linked_with_the_shared_library() {
     let dir = scratch("c-example-shared");
     let exe = dir.join("remap");
-    let so = lib_dir().join("libiovmap.so");
-    // Programs record the SONAME (build.rs), which only an install creates as a file:
-    // stand one up beside the program for the loader.
-    let soname = common::soname(&so);
-    assert!(soname.starts_with("libiovmap.so."), "SONAME {soname}");
-    let runtime = dir.join("lib");
-    std::fs::create_dir(&runtime).unwrap();
-    std::os::unix::fs::symlink(&so, runtime.join(&soname)).unwrap();
+    // The in-tree library is libiovmap_capi.so; C users link it as -liovmap, and programs
+    // record its SONAME (build.rs), which only an install creates as a file: stand up
+    // both names, as links to it, in a directory beside the program.
+    let libs = dir.join("lib");
+    std::fs::create_dir(&libs).unwrap();
+    let soname = c_named_libs(&libs);
     run(cc()
         .args(CFLAGS)
         .arg("-I")
         .arg(include_dir())
         .arg(example())
         .arg("-L")
-        .arg(lib_dir())
+        .arg(&libs)
         .arg("-liovmap")
-        .arg(format!("-Wl,-rpath,{}", runtime.display()))
+        .arg(format!("-Wl,-rpath,{}", libs.display()))
         .arg("-o")
         .arg(&exe));
     assert!(needed(&exe).contains(&soname), "linked with the .so: {:?}", needed(&exe));
+    assert!(!needed(&exe).iter().any(|n| n.contains("capi")), "the in-tree name leaked: {:?}", needed(&exe));
     run_example(&exe);
 }

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use common::{crate_dir, include_dir, lib_dir, run};
+use common::{crate_dir, include_dir, run, shared_lib};
 
 const REGENERATE: &str = "IOVMAP_BLESS=1 cargo test -p iovmap-capi --test header";
 
@@ -139,7 +139,7 @@ fn declared() -> BTreeSet<String> {
 
 #[test]
 fn header_declares_exactly_what_the_library_exports() {
-    let out = run(Command::new("nm").args(["-D", "--defined-only"]).arg(lib_dir().join("libiovmap.so")));
+    let out = run(Command::new("nm").args(["-D", "--defined-only"]).arg(shared_lib()));
     let exported: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2))

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{NATIVE_STATIC_LIBS, crate_dir, have, lib_dir, run, scratch, soname};
+use common::{NATIVE_STATIC_LIBS, crate_dir, have, lib_dir, run, scratch, shared_lib, soname, static_lib};
 use iovmap_testkit::skip;
 
 /// Where `install.sh --prefix <scratch>/usr` put things.
@@ -44,7 +44,15 @@ impl Install {
 
 /// The shared library's file name once installed: its SONAME.
 fn installed_so_name() -> String {
-    soname(&lib_dir().join("libiovmap.so"))
+    soname(&shared_lib())
+}
+
+/// The names in a directory, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    names
 }
 
 #[test]
@@ -53,11 +61,15 @@ fn install_sh_installs_the_header_the_libraries_and_the_pc_file() {
     let header = std::fs::read(i.prefix.join("include/iovmap.h")).unwrap();
     assert_eq!(header, std::fs::read(crate_dir().join("include/iovmap.h")).unwrap());
     let lib = i.libdir();
-    assert_eq!(std::fs::read(lib.join("libiovmap.a")).unwrap(), std::fs::read(lib_dir().join("libiovmap.a")).unwrap());
+    // Cargo's libiovmap_capi.* are installed under their C names, and only those.
     let so = installed_so_name();
+    assert_eq!(names_in(&lib), ["libiovmap.a", "libiovmap.so", so.as_str(), "pkgconfig"]);
+    assert_eq!(std::fs::read(lib.join("libiovmap.a")).unwrap(), std::fs::read(static_lib()).unwrap());
     assert!(lib.join(&so).is_file(), "{so} installed under its SONAME");
+    assert_eq!(std::fs::read(lib.join(&so)).unwrap(), std::fs::read(shared_lib()).unwrap());
+    assert_eq!(soname(&lib.join(&so)), so);
     assert_eq!(std::fs::read_link(lib.join("libiovmap.so")).unwrap(), Path::new(&so));
-    assert!(i.pc_dir().join("iovmap.pc").is_file());
+    assert_eq!(names_in(&i.pc_dir()), ["iovmap.pc"]);
 }
 
 #[test]

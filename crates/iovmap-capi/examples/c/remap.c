@@ -13,7 +13,7 @@
  * Build it from the repository root, after `cargo build --release -p iovmap-capi`:
  *
  *   cc -O2 -Wall -Icrates/iovmap-capi/include crates/iovmap-capi/examples/c/remap.c \
- *      target/release/libiovmap.a -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o remap
+ *      target/release/libiovmap_capi.a -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o remap
  *
  * It prints what it did, then "remap: ok", and exits 0; a failed check exits 1.
  * crates/iovmap-capi/tests/c_example.rs builds and runs it under `cargo test`.

@@ -16,17 +16,49 @@ pub fn include_dir() -> PathBuf {
     crate_dir().join("include")
 }
 
-/// Where `cargo test` left `libiovmap.a` and `libiovmap.so`: beside this test binary
-/// (`target/<profile>/deps`). Cargo builds the library with all its crate types there
-/// before the tests that depend on it, but does not copy them up to
+/// The static library as cargo names it in the build tree; installed as `libiovmap.a`.
+pub const STATIC_LIB: &str = "libiovmap_capi.a";
+
+/// The shared library as cargo names it in the build tree; installed as
+/// `libiovmap.so.<abi>` (its SONAME) with the `libiovmap.so` link.
+pub const SHARED_LIB: &str = "libiovmap_capi.so";
+
+/// Where `cargo test` left `libiovmap_capi.a` and `libiovmap_capi.so`: beside this test
+/// binary (`target/<profile>/deps`). Cargo builds the library with all its crate types
+/// there before the tests that depend on it, but does not copy them up to
 /// `target/<profile>` as `cargo build` does, so the files there may be stale.
 pub fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().expect("the test binary has a directory").to_path_buf();
-    for lib in ["libiovmap.a", "libiovmap.so"] {
+    for lib in [STATIC_LIB, SHARED_LIB] {
         assert!(dir.join(lib).is_file(), "{lib} was not built beside the test binary in {}", dir.display());
     }
     dir
+}
+
+/// The static library cargo built (`libiovmap_capi.a`).
+pub fn static_lib() -> PathBuf {
+    lib_dir().join(STATIC_LIB)
+}
+
+/// The shared library cargo built (`libiovmap_capi.so`).
+pub fn shared_lib() -> PathBuf {
+    lib_dir().join(SHARED_LIB)
+}
+
+/// Makes `dir` (a scratch directory) a library directory with the C names of the
+/// libraries cargo built, as symlinks to them: `libiovmap.a`, `libiovmap.so` for
+/// `-liovmap` at link time, and the SONAME, `libiovmap.so.<abi>`, that programs linked
+/// with it look for at run time. Returns the SONAME.
+pub fn c_named_libs(dir: &Path) -> String {
+    let so = shared_lib();
+    let soname = soname(&so);
+    assert!(soname.starts_with("libiovmap.so."), "SONAME {soname}");
+    std::os::unix::fs::symlink(static_lib(), dir.join("libiovmap.a")).expect("symlink libiovmap.a");
+    for name in ["libiovmap.so", soname.as_str()] {
+        std::os::unix::fs::symlink(&so, dir.join(name)).unwrap_or_else(|e| panic!("symlink {name}: {e}"));
+    }
+    soname
 }
 
 /// What a Rust staticlib needs from the system on Linux (`rustc --print
