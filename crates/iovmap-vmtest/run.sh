@@ -283,7 +283,10 @@ echo "==========================================================================
 
 # ------------------------------------------------------------------- verdict
 problems=()
-grep -aq '^VMTEST: PASS' "$LOG" 2>/dev/null || problems+=("guest: $(grep -a '^VMTEST:' "$LOG" 2>/dev/null | tail -1 | tr -d '\r' || true)")
+if ! grep -aq '^VMTEST: PASS' "$LOG" 2>/dev/null; then
+  guest_verdict=$(grep -a '^VMTEST:' "$LOG" 2>/dev/null | tail -1 | tr -d '\r' || true)
+  problems+=("guest: ${guest_verdict:-no VMTEST: verdict line on the serial console}")
+fi
 grep -aq '^VMTEST: FAIL' "$LOG" 2>/dev/null && problems+=("guest printed VMTEST: FAIL")
 grep -aq 'INIT: iovmap-vmtest exit 0 ' "$LOG" 2>/dev/null || problems+=("iovmap-vmtest did not exit 0")
 grep -aq 'INIT: vfio_passthrough ivshmem exit 0' "$LOG" 2>/dev/null || problems+=("vfio_passthrough on ivshmem did not exit 0")
