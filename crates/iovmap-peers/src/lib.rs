@@ -84,3 +84,89 @@ pub unsafe fn gather(iovs: &[libc::iovec]) -> Vec<u8> {
     unsafe { bounce_copy(iovs, &mut v) };
     v
 }
+
+/// The syscall floors iovmap's targets are measured against.
+pub mod floor {
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    use std::time::{Duration, Instant};
+
+    use iovmap_testkit::Mapping;
+
+    fn reserve(len: usize) -> io::Result<Mapping> {
+        Mapping::new(len, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, None, 0)
+    }
+
+    /// One reservation, one clone of `[src, src + len)` into it, one munmap: the least a
+    /// view of a single iovec can cost.
+    pub fn reserve_clone_unmap(src: *const u8, len: usize) -> io::Result<()> {
+        let slot = reserve(len)?;
+        // SAFETY: the destination is the reservation made just above, owned here; the
+        // clone replaces its PROT_NONE pages and is unmapped with it.
+        let r = unsafe {
+            libc::mremap(
+                src as *mut libc::c_void,
+                0,
+                len,
+                libc::MREMAP_FIXED | libc::MREMAP_MAYMOVE,
+                slot.ptr().cast::<libc::c_void>(),
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        drop(slot);
+        Ok(())
+    }
+
+    /// Clones each page in `srcs` into consecutive pages of a reservation and returns the
+    /// time spent in the clones alone (the reservation and the unmap are not counted).
+    /// Pages that are not file-adjacent never merge, so each clone is one new VMA: the
+    /// per-run cost of a scattered list.
+    pub fn timed_clones(srcs: &[*const u8], page: usize) -> io::Result<Duration> {
+        let slots = reserve(srcs.len() * page)?;
+        let t = Instant::now();
+        for (i, &src) in srcs.iter().enumerate() {
+            let dst = slots.ptr().wrapping_add(i * page);
+            // SAFETY: `dst` is a page of the reservation owned here.
+            let r = unsafe {
+                libc::mremap(
+                    src as *mut libc::c_void,
+                    0,
+                    page,
+                    libc::MREMAP_FIXED | libc::MREMAP_MAYMOVE,
+                    dst.cast::<libc::c_void>(),
+                )
+            };
+            if r == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(t.elapsed())
+    }
+
+    /// Maps page `offsets` of `fd` into consecutive pages of a reservation with
+    /// MAP_FIXED and returns the time spent in the mmaps alone.
+    pub fn timed_fd_maps(fd: BorrowedFd<'_>, offsets: &[u64], page: usize) -> io::Result<Duration> {
+        let slots = reserve(offsets.len() * page)?;
+        let t = Instant::now();
+        for (i, &off) in offsets.iter().enumerate() {
+            let dst = slots.ptr().wrapping_add(i * page);
+            // SAFETY: `dst` is a page of the reservation owned here.
+            let r = unsafe {
+                libc::mmap(
+                    dst.cast(),
+                    page,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    fd.as_raw_fd(),
+                    off as libc::off_t,
+                )
+            };
+            if r == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(t.elapsed())
+    }
+}

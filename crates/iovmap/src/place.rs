@@ -65,7 +65,7 @@ fn is_enomem(err: &Error) -> bool {
 }
 
 fn region_of<'r>(run: &Run, regions: &'r Regions) -> Option<&'r Region> {
-    run.fd.map(|fd| regions.get(fd.region))
+    run.fd().map(|fd| regions.get(fd.region))
 }
 
 /// The state of one map call.
@@ -75,7 +75,7 @@ struct Placer<'r> {
     prot: i32,
     /// Whether this kernel punches a hole at the destination of a refused clone.
     holes: bool,
-    /// On such kernels: what a clone of each source VMA (by start address) gave.
+    /// On such kernels: what a clone of each source VMA (by the plan's VMA index) gave.
     probed: BTreeMap<usize, Result<(), i32>>,
     stats: MapStats,
 }
@@ -86,9 +86,9 @@ impl Placer<'_> {
         let base = self.reservation.base();
         let mut reprotect = false;
         for run in &plan.runs {
-            debug_assert!(run.dst + run.len <= self.reservation.len());
-            let cloned = self.place(run, base + run.dst)?;
-            reprotect |= cloned && run.prot != self.prot;
+            debug_assert!(run.dst() + run.len() <= self.reservation.len());
+            let cloned = self.place(run, base + run.dst())?;
+            reprotect |= cloned && run.prot() != self.prot;
         }
         if reprotect {
             protect(base, self.reservation.len(), plan, self.prot)?;
@@ -105,7 +105,7 @@ impl Placer<'_> {
         let known = match region.map(Region::clone_state) {
             Some(CloneState::Clones) => Clonability::Clones,
             Some(CloneState::Refused(_)) => Clonability::Refused,
-            _ => match self.probed.get(&run.vma) {
+            _ => match self.probed.get(&run.vma()) {
                 Some(Ok(())) => Clonability::Clones,
                 Some(Err(_)) => Clonability::Refused,
                 None => Clonability::Unknown,
@@ -132,32 +132,32 @@ impl Placer<'_> {
                 }
             }
         }
-        let (Strategy::Fd, Some(fd), Some(region_fd)) = (step, run.fd, region.and_then(Region::fd)) else {
+        let (Strategy::Fd, Some(fd), Some(region_fd)) = (step, run.fd(), region.and_then(Region::fd)) else {
             let source = refusal.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL));
-            return Err(Error::NoFallback { index: run.first, source });
+            return Err(Error::NoFallback { index: run.first(), source });
         };
         self.stats.syscalls += 1;
         let placed = if self.reservation.is_hole(dst) {
             // The kernel may have unmapped `dst` and another thread may have mapped
             // something there since: map only if the range is still free.
-            sys::map_fd_noreplace(dst, run.len, self.prot, region_fd, fd.offset)
+            sys::map_fd_noreplace(dst, run.len(), self.prot, region_fd, fd.offset)
                 .inspect(|()| self.reservation.fill_hole(dst))
         } else {
-            // SAFETY: `[dst, dst + run.len)` lies in the reservation (the plan keeps every
+            // SAFETY: `[dst, dst + run.len())` lies in the reservation (the plan keeps every
             // run inside `map_len`), which the map path owns until it is a view.
-            unsafe { sys::map_fd_fixed(dst, run.len, self.prot, region_fd, fd.offset) }
+            unsafe { sys::map_fd_fixed(dst, run.len(), self.prot, region_fd, fd.offset) }
         };
         placed.map_err(|e| match e.raw_os_error() {
             Some(libc::EACCES | libc::EPERM) if self.prot & libc::PROT_WRITE != 0 => {
-                Error::NotWritable { index: run.first }
+                Error::NotWritable { index: run.first() }
             }
-            Some(libc::ENOMEM) => Error::Os { op: "mmap", index: Some(run.first), source: e },
+            Some(libc::ENOMEM) => Error::Os { op: "mmap", index: Some(run.first()), source: e },
             Some(libc::EEXIST) => Error::Os {
                 op: "mmap (MAP_FIXED_NOREPLACE) into the range of a refused clone, which another thread mapped meanwhile",
-                index: Some(run.first),
+                index: Some(run.first()),
                 source: e,
             },
-            _ => Error::NoFallback { index: run.first, source: e },
+            _ => Error::NoFallback { index: run.first(), source: e },
         })?;
         self.stats.fd_mapped += 1;
         Ok(false)
@@ -173,9 +173,9 @@ impl Placer<'_> {
         known: Clonability,
     ) -> Result<Option<io::Error>, Error> {
         self.stats.syscalls += 1;
-        // SAFETY: `[dst, dst + run.len)` lies in the reservation (the plan keeps every run
+        // SAFETY: `[dst, dst + run.len())` lies in the reservation (the plan keeps every run
         // inside `map_len`), which the map path owns until it is a view.
-        match unsafe { sys::clone_fixed(run.src, run.len, dst) } {
+        match unsafe { sys::clone_fixed(run.src(), run.len(), dst) } {
             Ok(()) => {
                 self.stats.cloned += 1;
                 if let Some(r) = region.filter(|_| known == Clonability::Unknown) {
@@ -187,14 +187,18 @@ impl Placer<'_> {
                 if !is_refusal(&e) {
                     // ENOMEM (the VMA cap) and the like come before the unmap on every
                     // kernel: the destination is still ours.
-                    return Err(Error::Os { op: "mremap", index: Some(run.first), source: e });
+                    return Err(Error::Os { op: "mremap", index: Some(run.first()), source: e });
                 }
                 if self.holes {
                     // Known to clone, yet refused: the source changed under us. On this
                     // kernel the destination is gone, and may be someone else's by now.
-                    self.reservation.mark_hole(dst, run.len);
+                    self.reservation.mark_hole(dst, run.len());
                 }
-                log::debug!("iovmap: clone of {:#x}+{:#x} refused ({e}); using the registered fd", run.src, run.len);
+                log::debug!(
+                    "iovmap: clone of {:#x}+{:#x} refused ({e}); using the registered fd",
+                    run.src(),
+                    run.len()
+                );
                 if let Some(r) = region {
                     r.learn(Err(e.raw_os_error().unwrap_or(libc::EINVAL)));
                 }
@@ -206,16 +210,16 @@ impl Placer<'_> {
     /// On kernels that punch holes: whether the run's source VMA clones, learned once per
     /// call by a clone to an address the kernel chooses, never into the reservation.
     fn probe(&mut self, run: &Run, region: Option<&Region>) -> Result<Result<(), i32>, Error> {
-        if let Some(known) = self.probed.get(&run.vma) {
+        if let Some(known) = self.probed.get(&run.vma()) {
             return Ok(*known);
         }
         self.stats.syscalls += 1;
-        let clones = probe_clone(run.src, run.page_size).map_err(|source| Error::Os {
+        let clones = probe_clone(run.src(), run.page_size()).map_err(|source| Error::Os {
             op: "mremap (clone probe)",
-            index: Some(run.first),
+            index: Some(run.first()),
             source,
         })?;
-        self.probed.insert(run.vma, clones);
+        self.probed.insert(run.vma(), clones);
         if let Some(r) = region {
             r.learn(clones);
         }
@@ -232,10 +236,10 @@ fn protect(base: usize, len: usize, plan: &Plan, prot: i32) -> Result<(), Error>
     // Find the run that refuses, to name its segment.
     for run in &plan.runs {
         // SAFETY: one run of the same reservation.
-        if let Err(e) = unsafe { sys::protect(base + run.dst, run.len, prot) } {
+        if let Err(e) = unsafe { sys::protect(base + run.dst(), run.len(), prot) } {
             return Err(match e.raw_os_error() {
-                Some(libc::EACCES) if prot & libc::PROT_WRITE != 0 => Error::NotWritable { index: run.first },
-                _ => Error::Os { op: "mprotect", index: Some(run.first), source: e },
+                Some(libc::EACCES) if prot & libc::PROT_WRITE != 0 => Error::NotWritable { index: run.first() },
+                _ => Error::Os { op: "mprotect", index: Some(run.first()), source: e },
             });
         }
     }
@@ -266,10 +270,10 @@ fn populate(base: usize, plan: &Plan, regions: &Regions, write: bool) -> Result<
             continue;
         }
         stretch = match stretch {
-            Some((start, end, index)) if end == run.dst => Some((start, run.dst + run.len, index)),
+            Some((start, end, index)) if end == run.dst() => Some((start, run.dst() + run.len(), index)),
             other => {
                 flush(other)?;
-                Some((run.dst, run.dst + run.len, run.first))
+                Some((run.dst(), run.dst() + run.len(), run.first()))
             }
         };
     }

@@ -17,11 +17,13 @@
 //! let list = [iov(0x10000, 0x1000), iov(0x11000, 0x2000), iov(0x18000, 0x1000)];
 //! let p = plan(&list, &mut vmas[..], &[], 0x1000)?;
 //! assert_eq!(p.runs.len(), 2);
-//! assert_eq!((p.runs[0].src, p.runs[0].len, p.runs[0].dst), (0x10000, 0x3000, 0));
-//! assert_eq!((p.runs[1].src, p.runs[1].len, p.runs[1].dst), (0x18000, 0x1000, 0x3000));
+//! assert_eq!((p.runs[0].src(), p.runs[0].len(), p.runs[0].dst()), (0x10000, 0x3000, 0));
+//! assert_eq!((p.runs[1].src(), p.runs[1].len(), p.runs[1].dst()), (0x18000, 0x1000, 0x3000));
 //! assert_eq!(p.len, 0x4000);
 //! # Ok::<(), iovmap::Error>(())
 //! ```
+
+use std::collections::BTreeMap;
 
 use crate::error::Error;
 use crate::regions::region_window;
@@ -40,7 +42,7 @@ pub use crate::vma::{Vma, VmaSource};
 ///                             file: FileId { dev: 1, ino: 7 }, page_size: 0x1000, mappable: true }];
 /// let iov = [libc::iovec { iov_base: 0x13000 as *mut _, iov_len: 0x1000 }];
 /// let p = plan(&iov, &mut vmas[..], &regions, 0x1000)?;
-/// assert_eq!(p.runs[0].fd, Some(FdSource { region: 0, offset: 0x103000 }));
+/// assert_eq!(p.runs[0].fd(), Some(FdSource { region: 0, offset: 0x103000 }));
 /// # Ok::<(), iovmap::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +55,9 @@ pub struct FdSource {
 
 /// One mapping operation of a view: a page-aligned stretch of one backing.
 ///
+/// Kept small (48 bytes): a scattered list of a million segments is a million runs, and
+/// the memory they take is most of what planning it costs.
+///
 /// ```
 /// use iovmap::plan::{plan, Vma};
 /// let rw = libc::PROT_READ | libc::PROT_WRITE;
@@ -61,33 +66,165 @@ pub struct FdSource {
 /// // Two pages of the same mapping in a row: one run, cloned from 0x14000.
 /// let p = plan(&[iov(0x14000, 0x1000), iov(0x15000, 0x1000)], &mut vmas[..], &[], 0x1000)?;
 /// let run = p.runs[0];
-/// assert_eq!((run.src, run.len, run.dst, run.clone), (0x14000, 0x2000, 0, true));
-/// assert_eq!((run.first, run.last), (0, 1));
+/// assert_eq!((run.src(), run.len(), run.dst(), run.clonable()), (0x14000, 0x2000, 0, true));
+/// assert_eq!((run.first(), run.fd(), run.page_size()), (0, None, 0x1000));
 /// # Ok::<(), iovmap::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Run {
+    dst: usize,
+    len: usize,
+    src: usize,
+    /// File offset of the first byte, when `region` is set.
+    offset: u64,
+    /// Index of the registered region that can place the run, or `NO_REGION`.
+    region: u32,
+    first: u32,
+    vma: u32,
+    page_shift: u8,
+    prot: u8,
+    clone: bool,
+}
+
+const NO_REGION: u32 = u32::MAX;
+const _: () = assert!(std::mem::size_of::<Run>() == 48);
+
+impl Run {
     /// Offset of the run's first byte from the start of the reservation.
-    pub dst: usize,
-    /// Bytes to map: a multiple of `page_size`.
-    pub len: usize,
-    /// Host address of the run's first mapped byte (page-aligned).
-    pub src: usize,
-    /// Whether `[src, src + len)` lies in one VMA, so that one clone places it.
-    pub clone: bool,
-    /// Start of the VMA of the run's first piece (the VMA a clone copies).
-    pub vma: usize,
-    /// The registered fd that can place the run, when every piece of it is registered
-    /// and the pieces are contiguous in one file.
-    pub fd: Option<FdSource>,
+    ///
+    /// ```
+    /// # use iovmap::plan::{plan, Vma};
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+    /// let p = plan(&[iov(0x14000, 0x1000), iov(0x18000, 0x1000)], &mut vmas[..], &[], 0x1000)?;
+    /// assert_eq!((p.runs[0].dst(), p.runs[1].dst()), (0, 0x1000));
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    #[inline]
+    pub fn dst(&self) -> usize {
+        self.dst
+    }
+
+    /// Bytes to map: a multiple of [`Run::page_size`].
+    ///
+    /// ```
+    /// # use iovmap::plan::{plan, Vma};
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+    /// let p = plan(&[iov(0x14000, 0x10)], &mut vmas[..], &[], 0x1000)?;
+    /// assert_eq!(p.runs[0].len(), 0x1000); // the whole last page
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    #[inline]
+    #[allow(clippy::len_without_is_empty)] // a run is never empty
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Host address of the run's first mapped byte (page-aligned): the clone source.
+    ///
+    /// ```
+    /// # use iovmap::plan::{plan, Vma};
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+    /// let p = plan(&[iov(0x14080, 0x10)], &mut vmas[..], &[], 0x1000)?;
+    /// assert_eq!(p.runs[0].src(), 0x14000);
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    #[inline]
+    pub fn src(&self) -> usize {
+        self.src
+    }
+
+    /// Whether `[src, src + len)` lies in one VMA, so that one clone can place it.
+    ///
+    /// ```
+    /// # use iovmap::plan::{plan, Vma};
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+    /// assert!(plan(&[iov(0x14000, 0x1000)], &mut vmas[..], &[], 0x1000)?.runs[0].clonable());
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    #[inline]
+    pub fn clonable(&self) -> bool {
+        self.clone
+    }
+
+    /// The registered fd that can place the run, when every piece of it is registered and
+    /// the pieces are contiguous in one file.
+    ///
+    /// ```
+    /// # use iovmap::plan::{plan, Vma};
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+    /// assert_eq!(plan(&[iov(0x14000, 0x1000)], &mut vmas[..], &[], 0x1000)?.runs[0].fd(), None);
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    #[inline]
+    pub fn fd(&self) -> Option<FdSource> {
+        (self.region != NO_REGION).then_some(FdSource { region: self.region as usize, offset: self.offset })
+    }
+
     /// Page size of the backing; `dst`, `src` and `len` are multiples of it.
-    pub page_size: usize,
-    /// Protection of the source VMA (`PROT_*`), meaningful when `clone` is set.
-    pub prot: i32,
+    ///
+    /// ```
+    /// # use iovmap::plan::{plan, Vma};
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+    /// assert_eq!(plan(&[iov(0x14000, 0x1000)], &mut vmas[..], &[], 0x1000)?.runs[0].page_size(), 0x1000);
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    #[inline]
+    pub fn page_size(&self) -> usize {
+        1 << self.page_shift
+    }
+
+    /// Protection of the source VMA (`PROT_*`): what a clone inherits.
+    ///
+    /// ```
+    /// # use iovmap::plan::{plan, Vma};
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: libc::PROT_READ, shared: true, page_size: 0x1000 }];
+    /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+    /// assert_eq!(plan(&[iov(0x14000, 0x1000)], &mut vmas[..], &[], 0x1000)?.runs[0].prot(), libc::PROT_READ);
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    #[inline]
+    pub fn prot(&self) -> i32 {
+        i32::from(self.prot)
+    }
+
     /// Index (in the caller's list) of the first segment that contributes to the run.
-    pub first: usize,
-    /// Index of the last segment that contributes to the run.
-    pub last: usize,
+    ///
+    /// ```
+    /// # use iovmap::plan::{plan, Vma};
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+    /// let p = plan(&[iov(0x14000, 0), iov(0x14000, 0x1000)], &mut vmas[..], &[], 0x1000)?;
+    /// assert_eq!(p.runs[0].first(), 1);
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    #[inline]
+    pub fn first(&self) -> usize {
+        self.first as usize
+    }
+
+    /// Which source VMA the run's first piece lies in, as an index shared by every run of
+    /// the same plan from the same VMA.
+    ///
+    /// ```
+    /// # use iovmap::plan::{plan, Vma};
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 },
+    /// #                 Vma { start: 0x30000, end: 0x40000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
+    /// let p = plan(&[iov(0x14000, 0x1000), iov(0x30000, 0x1000), iov(0x18000, 0x1000)], &mut vmas[..], &[], 0x1000)?;
+    /// assert_eq!(p.runs[0].vma(), p.runs[2].vma());
+    /// assert_ne!(p.runs[0].vma(), p.runs[1].vma());
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    #[inline]
+    pub fn vma(&self) -> usize {
+        self.vma as usize
+    }
 }
 
 /// Everything needed to build a view, decided before anything is mapped.
@@ -160,7 +297,7 @@ pub enum Strategy {
 /// # Ok::<(), iovmap::Error>(())
 /// ```
 pub fn strategy(run: &Run, clonability: Clonability, kernel_punches_holes: bool) -> Strategy {
-    let fallback = if run.fd.is_some() { Strategy::Fd } else { Strategy::Fail };
+    let fallback = if run.fd().is_some() { Strategy::Fd } else { Strategy::Fail };
     if !run.clone {
         return fallback;
     }
@@ -175,6 +312,8 @@ pub fn strategy(run: &Run, clonability: Clonability, kernel_punches_holes: bool)
 /// The run being built.
 struct Open {
     run: Run,
+    /// Index of the last segment added so far.
+    last: usize,
     /// Host address one past the last byte added so far.
     src_end: usize,
     /// Start of the VMA of the last piece, which a clone continuation must share.
@@ -194,8 +333,10 @@ struct Planner<'a, V: ?Sized> {
     base_page: usize,
     runs: Vec<Run>,
     open: Option<Open>,
-    /// The VMA of the last piece, to avoid asking the source again.
-    vma: Option<Vma>,
+    /// The VMA of the last piece, to avoid asking the source again, and its index.
+    vma: Option<(Vma, u32)>,
+    /// Index of each VMA seen, by start address.
+    vma_index: BTreeMap<usize, u32>,
     lead: usize,
     align: usize,
 }
@@ -223,8 +364,54 @@ pub fn plan<V: VmaSource + ?Sized>(
     regions: &[RegionSpan],
     base_page: usize,
 ) -> Result<Plan, Error> {
-    let mut p =
-        Planner { vmas, spans: regions, base_page, runs: Vec::new(), open: None, vma: None, lead: 0, align: base_page };
+    let mut out = Plan::default();
+    plan_into(iovs, vmas, regions, base_page, &mut out)?;
+    Ok(out)
+}
+
+/// [`plan`], into `out`, reusing the memory of its run list: for callers that plan
+/// repeatedly. A scattered list of a million segments is a million runs (48 MB); planning
+/// into fresh memory makes the kernel fault in and zero all of it, which costs more than
+/// the planning itself.
+///
+/// ```
+/// use iovmap::plan::{plan_into, Plan, Vma};
+/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+/// let iov = |a: usize| libc::iovec { iov_base: a as *mut _, iov_len: 0x1000 };
+/// let mut reused = Plan::default();
+/// for list in [[iov(0x10000), iov(0x12000)], [iov(0x13000), iov(0x14000)]] {
+///     plan_into(&list, &mut vmas[..], &[], 0x1000, &mut reused)?;
+/// }
+/// assert_eq!(reused.runs.len(), 1); // the second list: two adjacent pages
+/// # Ok::<(), iovmap::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`plan`]; `out` is then left empty.
+pub fn plan_into<V: VmaSource + ?Sized>(
+    iovs: &[libc::iovec],
+    vmas: &mut V,
+    regions: &[RegionSpan],
+    base_page: usize,
+    out: &mut Plan,
+) -> Result<(), Error> {
+    let mut runs = std::mem::take(&mut out.runs);
+    runs.clear();
+    *out = Plan::default();
+    let mut p = Planner {
+        vmas,
+        spans: regions,
+        base_page,
+        runs,
+        open: None,
+        vma: None,
+        vma_index: BTreeMap::new(),
+        lead: 0,
+        align: base_page,
+    };
+    if u32::try_from(iovs.len()).is_err() {
+        return Err(Error::TooLarge);
+    }
     let mut segments = 0usize;
     let mut total = 0usize;
     // The fast path: a segment that continues the open run inside the same VMA and the
@@ -232,6 +419,7 @@ pub fn plan<V: VmaSource + ?Sized>(
     // `window` the end of the stretch it may grow into; `window >= cursor` always.
     let mut cursor = 0usize;
     let mut window = 0usize;
+    let mut last = 0usize;
     for (index, iov) in iovs.iter().enumerate() {
         let len = iov.iov_len;
         if len == 0 {
@@ -242,21 +430,20 @@ pub fn plan<V: VmaSource + ?Sized>(
         let addr = iov.iov_base as usize;
         if addr == cursor && len <= window - addr {
             cursor += len;
-            if let Some(open) = p.open.as_mut() {
-                open.run.last = index;
-            }
+            last = index;
             continue;
         }
         // Sync the open run with what the fast path added, then take the slow path.
-        p.sync(cursor);
+        p.sync(cursor, last);
         let end = addr.checked_add(len).ok_or(Error::NotMapped { index })?;
         let mut at = addr;
         while at < end {
             (at, window) = p.piece(at, end, index)?;
         }
         cursor = end;
+        last = index;
     }
-    p.sync(cursor);
+    p.sync(cursor, last);
     if total == 0 {
         return Err(Error::Empty);
     }
@@ -268,7 +455,8 @@ pub fn plan<V: VmaSource + ?Sized>(
     if map_len > isize::MAX as usize - p.align {
         return Err(Error::TooLarge);
     }
-    Ok(Plan { runs: p.runs, segments, len: total, lead: p.lead, map_len, align: p.align })
+    *out = Plan { runs: p.runs, segments, len: total, lead: p.lead, map_len, align: p.align };
+    Ok(())
 }
 
 #[inline]
@@ -277,9 +465,10 @@ fn is_aligned(x: usize, to: usize) -> bool {
 }
 
 impl<V: VmaSource + ?Sized> Planner<'_, V> {
-    /// Records bytes the fast path appended to the open run.
-    fn sync(&mut self, cursor: usize) {
+    /// Records bytes (and segments) the fast path appended to the open run.
+    fn sync(&mut self, cursor: usize, last: usize) {
         if let Some(open) = self.open.as_mut() {
+            open.last = open.last.max(last);
             if cursor > open.src_end {
                 let grown = cursor - open.src_end;
                 open.src_end = cursor;
@@ -289,8 +478,8 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         }
     }
 
-    fn vma_at(&mut self, at: usize, index: usize) -> Result<Vma, Error> {
-        if let Some(v) = self.vma.filter(|v| v.contains(at)) {
+    fn vma_at(&mut self, at: usize, index: usize) -> Result<(Vma, u32), Error> {
+        if let Some(v) = self.vma.filter(|(v, _)| v.contains(at)) {
             return Ok(v);
         }
         let found =
@@ -298,8 +487,10 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         // A source that answers with a VMA not covering `at` is treated as "not mapped",
         // so that the planner always makes progress.
         let v = found.filter(|v| v.contains(at)).ok_or(Error::NotMapped { index })?;
-        self.vma = Some(v);
-        Ok(v)
+        let next = self.vma_index.len() as u32;
+        let i = *self.vma_index.entry(v.start).or_insert(next);
+        self.vma = Some((v, i));
+        Ok((v, i))
     }
 
     /// Adds the piece of segment `index` that starts at `at` (and ends at `end` or at the
@@ -310,7 +501,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         if region.is_some_and(|r| !self.spans[r].mappable) {
             return Err(Error::DeviceHole { index });
         }
-        let vma = self.vma_at(at, index)?;
+        let (vma, vma_index) = self.vma_at(at, index)?;
         if !vma.shared {
             return Err(Error::NotShareable { index });
         }
@@ -322,16 +513,16 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
 
         if let Some(open) = self.open.as_mut() {
             let by_clone = open.run.clone && at == open.src_end && vma.start == open.vma_start;
-            let by_fd = match (open.run.fd, span, offset) {
+            let by_fd = match (open.run.fd(), span, offset) {
                 (Some(fd), Some(s), Some(off)) => self.spans[fd.region].file == s.file && off == open.off_end,
                 _ => false,
             };
             if by_clone || by_fd {
                 open.run.clone = by_clone;
                 if !by_fd {
-                    open.run.fd = None;
+                    open.run.region = NO_REGION;
                 }
-                open.run.last = index;
+                open.last = index;
                 open.off_end = offset.map_or(0, |o| o + (piece_end - at) as u64);
                 open.mapped += piece_end - at;
                 open.src_end = piece_end;
@@ -364,19 +555,21 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
             return Err(Error::Unaligned { index });
         }
         self.align = self.align.max(page_size);
+        let fd = region.zip(fd_offset.flatten());
         self.open = Some(Open {
             run: Run {
                 dst,
                 len: 0,
                 src,
+                offset: fd.map_or(0, |f| f.1),
+                region: fd.map_or(NO_REGION, |f| f.0 as u32),
+                first: index as u32,
+                vma: vma_index,
+                page_shift: page_size.trailing_zeros() as u8,
+                prot: (vma.prot & 0xff) as u8,
                 clone: true,
-                vma: vma.start,
-                fd: region.zip(fd_offset.flatten()).map(|(region, offset)| FdSource { region, offset }),
-                page_size,
-                prot: vma.prot,
-                first: index,
-                last: index,
             },
+            last: index,
             src_end: piece_end,
             vma_start: vma.start,
             off_end: offset.map_or(0, |o| o + (piece_end - at) as u64),
@@ -390,8 +583,8 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
     fn close_interior(&mut self) -> Result<Option<Run>, Error> {
         let Some(open) = self.open.take() else { return Ok(None) };
         let mut run = open.run;
-        if !is_aligned(open.src_end, run.page_size) {
-            return Err(Error::Unaligned { index: run.last });
+        if !is_aligned(open.src_end, run.page_size()) {
+            return Err(Error::Unaligned { index: open.last });
         }
         run.len = open.mapped;
         self.runs.push(run);
@@ -402,9 +595,9 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
     fn close_last(&mut self) -> Result<(), Error> {
         let Some(open) = self.open.take() else { return Ok(()) };
         let mut run = open.run;
-        let end = open.src_end.checked_next_multiple_of(run.page_size).ok_or(Error::TooLarge)?;
+        let end = open.src_end.checked_next_multiple_of(run.page_size()).ok_or(Error::TooLarge)?;
         if end > open.limit {
-            return Err(Error::Unaligned { index: run.last });
+            return Err(Error::Unaligned { index: open.last });
         }
         run.len = open.mapped + (end - open.src_end);
         run.dst.checked_add(run.len).ok_or(Error::TooLarge)?;
@@ -444,28 +637,16 @@ mod tests {
         assert_eq!(p.runs.len(), 1);
         assert_eq!(p.segments, n);
         assert_eq!(p.len, n * P);
-        assert_eq!(
-            p.runs[0],
-            Run {
-                dst: 0,
-                len: n * P,
-                src: base,
-                clone: true,
-                vma: base,
-                fd: None,
-                page_size: P,
-                prot: RW,
-                first: 0,
-                last: n - 1
-            }
-        );
+        let r = p.runs[0];
+        assert_eq!((r.dst(), r.len(), r.src(), r.clonable(), r.fd(), r.page_size()), (0, n * P, base, true, None, P));
+        assert_eq!((r.prot(), r.first(), r.vma()), (RW, 0, 0));
     }
 
     #[test]
     fn zero_length_segments_are_skipped_and_all_zero_is_empty() {
         let list = [iov(0x1000, 0), iov(0x1000, P), iov(0, 0), iov(0x2000, P)];
         let p = run_plan(&list, &[shared(0x1000, 0x3000)], &[]).unwrap();
-        assert_eq!((p.segments, p.runs.len(), p.runs[0].last), (2, 1, 3));
+        assert_eq!((p.segments, p.runs.len(), p.runs[0].first()), (2, 1, 1));
         assert!(matches!(run_plan(&[iov(0x1000, 0)], &[], &[]), Err(Error::Empty)));
         assert!(matches!(run_plan(&[], &[], &[]), Err(Error::Empty)));
     }
@@ -475,9 +656,10 @@ mod tests {
         let vmas = [shared(0x10000, 0x12000), shared(0x12000, 0x14000)];
         let p = run_plan(&[iov(0x11000, 0x2000)], &vmas, &[]).unwrap();
         assert_eq!(p.runs.len(), 2);
-        assert_eq!((p.runs[0].src, p.runs[0].len, p.runs[0].dst), (0x11000, 0x1000, 0));
-        assert_eq!((p.runs[1].src, p.runs[1].len, p.runs[1].dst), (0x12000, 0x1000, 0x1000));
-        assert!(p.runs.iter().all(|r| r.clone && r.first == 0 && r.last == 0));
+        assert_eq!((p.runs[0].src(), p.runs[0].len(), p.runs[0].dst()), (0x11000, 0x1000, 0));
+        assert_eq!((p.runs[1].src(), p.runs[1].len(), p.runs[1].dst()), (0x12000, 0x1000, 0x1000));
+        assert!(p.runs.iter().all(|r| r.clonable() && r.first() == 0));
+        assert_ne!(p.runs[0].vma(), p.runs[1].vma());
     }
 
     #[test]
@@ -486,8 +668,8 @@ mod tests {
         let p = run_plan(&list, &[shared(0x10000, 0x20000)], &[]).unwrap();
         assert_eq!(p.lead, 0x100);
         assert_eq!(p.len, 0xf10);
-        assert_eq!((p.runs[0].src, p.runs[0].len), (0x10000, 0x1000));
-        assert_eq!((p.runs[1].src, p.runs[1].len, p.runs[1].dst), (0x14000, 0x1000, 0x1000));
+        assert_eq!((p.runs[0].src(), p.runs[0].len()), (0x10000, 0x1000));
+        assert_eq!((p.runs[1].src(), p.runs[1].len(), p.runs[1].dst()), (0x14000, 0x1000, 0x1000));
         assert_eq!(p.map_len, 0x2000);
     }
 
@@ -503,7 +685,7 @@ mod tests {
         // A mid-page continuation is no boundary at all.
         let p = run_plan(&[iov(0x10000, 0x800), iov(0x10800, 0x900)], &vmas, &[]).unwrap();
         assert_eq!(p.runs.len(), 1);
-        assert_eq!(p.runs[0].len, 0x2000);
+        assert_eq!(p.runs[0].len(), 0x2000);
     }
 
     #[test]
@@ -540,9 +722,9 @@ mod tests {
         let p = run_plan(&[iov(0x12000, 0x4000)], &vmas, &regions).unwrap();
         assert_eq!(p.runs.len(), 1);
         let r = p.runs[0];
-        assert!(!r.clone);
-        assert_eq!(r.fd, Some(FdSource { region: 0, offset: 0x102000 }));
-        assert_eq!(r.len, 0x4000);
+        assert!(!r.clonable());
+        assert_eq!(r.fd(), Some(FdSource { region: 0, offset: 0x102000 }));
+        assert_eq!(r.len(), 0x4000);
     }
 
     #[test]
@@ -553,9 +735,9 @@ mod tests {
         let regions = [span(0x10000, 0x14000, 0, 3), span(0x40000, 0x44000, 0x4000, 3)];
         let p = run_plan(&[iov(0x13000, P), iov(0x40000, P)], &vmas, &regions).unwrap();
         assert_eq!(p.runs.len(), 1);
-        assert!(!p.runs[0].clone);
-        assert_eq!(p.runs[0].fd, Some(FdSource { region: 0, offset: 0x3000 }));
-        assert_eq!((p.runs[0].len, p.map_len, p.len), (2 * P, 2 * P, 2 * P));
+        assert!(!p.runs[0].clonable());
+        assert_eq!(p.runs[0].fd(), Some(FdSource { region: 0, offset: 0x3000 }));
+        assert_eq!((p.runs[0].len(), p.map_len, p.len), (2 * P, 2 * P, 2 * P));
         // Different files never coalesce.
         let regions = [span(0x10000, 0x14000, 0, 3), span(0x40000, 0x44000, 0x4000, 4)];
         assert_eq!(run_plan(&[iov(0x13000, P), iov(0x40000, P)], &vmas, &regions).unwrap().runs.len(), 2);
@@ -567,8 +749,8 @@ mod tests {
         let regions = [span(0x10000, 0x12000, 0, 3)];
         let p = run_plan(&[iov(0x11000, 2 * P)], &vmas, &regions).unwrap();
         assert_eq!(p.runs.len(), 1);
-        assert!(p.runs[0].clone);
-        assert_eq!(p.runs[0].fd, None);
+        assert!(p.runs[0].clonable());
+        assert_eq!(p.runs[0].fd(), None);
     }
 
     #[test]
@@ -579,15 +761,15 @@ mod tests {
         // A 2 MiB-long 4 KiB run first keeps the huge run aligned in the view.
         let p = run_plan(&[iov(0x10000, H), iov(0x4020_0000, H)], &[small, huge], &regions).unwrap();
         assert_eq!(p.align, H);
-        assert_eq!(p.runs[1].dst, H);
-        assert_eq!(p.runs[1].page_size, H);
+        assert_eq!(p.runs[1].dst(), H);
+        assert_eq!(p.runs[1].page_size(), H);
         // One 4 KiB page before it does not.
         let e = run_plan(&[iov(0x10000, P), iov(0x4020_0000, H)], &[small, huge], &regions).unwrap_err();
         assert!(matches!(e, Error::Unaligned { index: 1 }), "{e:?}");
         // A huge run may start mid-page: it is mapped from its huge page boundary.
         let p = run_plan(&[iov(0x4020_1000, 0x10)], &[huge], &regions).unwrap();
-        assert_eq!((p.lead, p.runs[0].src, p.runs[0].len), (0x1000, 0x4020_0000, H));
-        assert_eq!(p.runs[0].fd, Some(FdSource { region: 0, offset: 0x20_0000 }));
+        assert_eq!((p.lead, p.runs[0].src(), p.runs[0].len()), (0x1000, 0x4020_0000, H));
+        assert_eq!(p.runs[0].fd(), Some(FdSource { region: 0, offset: 0x20_0000 }));
     }
 
     #[test]
@@ -633,7 +815,7 @@ mod tests {
         let list = [iov(0x13000, P), iov(0x12000, P), iov(0x12000, P)];
         let p = run_plan(&list, &vmas, &[]).unwrap();
         assert_eq!(
-            p.runs.iter().map(|r| (r.src, r.dst)).collect::<Vec<_>>(),
+            p.runs.iter().map(|r| (r.src(), r.dst())).collect::<Vec<_>>(),
             [(0x13000, 0), (0x12000, P), (0x12000, 2 * P)]
         );
     }
