@@ -81,6 +81,29 @@ pub fn bar_like() -> Result<BarLike, Unavailable> {
     Ok(BarLike { array, remapper, list })
 }
 
+/// Medians of `a` and `b` (milliseconds) over `rounds` rounds that run one after the
+/// other, a then b. Criterion measures one peer after another, so drift on a shared
+/// machine (seen here: the same benchmark 5% apart in two runs a minute apart) lands in
+/// ratios between peers; interleaving cancels it for ratios close to 1.
+pub fn interleaved<A, B>(rounds: usize, mut a: impl FnMut() -> A, mut b: impl FnMut() -> B) -> (f64, f64) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = std::time::Instant::now();
+        let out = a();
+        ta.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(out);
+        let t = std::time::Instant::now();
+        let out = b();
+        tb.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(out);
+    }
+    (median(ta), median(tb))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
