@@ -14,7 +14,10 @@
 #    caching-mode=on, guest intel_iommu=on; the extracted ELF vmlinux through its PVH entry)
 #    with an ivshmem-plain device whose BAR2 is a host file under target/vmtest/, and an nvme
 #    device (its BAR0 holds an MSI-X table: the sparse-mmap candidate);
-# 5. reads the verdict from the serial log, checks the bytes the guest left in the host-side
+# 5. after the vfio checks, runs iovmap's own test suite (every test binary of crates/iovmap,
+#    built static) in the guest: the /proc/self/maps fallback (6.1 has no PROCMAP_QUERY),
+#    the hole-safe map path and the leak checks, on a kernel that punches holes;
+# 6. reads the verdict from the serial log, checks the bytes the guest left in the host-side
 #    backing file (iovmap-vmtest host-check, plus the magic and verdict read here with od),
 #    and prints `VM TEST: PASS` (exit 0) only if everything held, else `VM TEST: FAIL ...`.
 #
@@ -25,7 +28,7 @@
 # VMTEST_APT_TIMEOUT (s, 900), VMTEST_STRESS_SECS (per stress scenario, 3), VMTEST_THREADS
 # (stress loop threads, 4), VMTEST_SMP (guest vCPUs, 4), VMTEST_KVER (guest kernel version,
 # default: newest in /boot with vfio-pci), VMTEST_BOOT=pvh|bzimage (default pvh),
-# VMTEST_KEEP=1 (keep the backing files and the serial log).
+# VMTEST_KEEP=1 (keep the backing files and the serial log), VMTEST_SUITE=0 (skip step 5).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -40,6 +43,7 @@ STRESS_SECS=${VMTEST_STRESS_SECS:-3}
 THREADS=${VMTEST_THREADS:-4}
 SMP=${VMTEST_SMP:-4}
 BOOT=${VMTEST_BOOT:-pvh}
+SUITE=${VMTEST_SUITE:-1}
 BAR_SIZE=32M          # layout::BAR_SIZE
 TRIPLE=x86_64-unknown-linux-gnu
 
@@ -165,6 +169,21 @@ for b in "$BIN" "$EXAMPLE"; do
 done
 say "built in $BUILD_MS ms: $(file -L "$BIN" | cut -d, -f1,2,5 | sed 's|.*/||')"
 
+# iovmap's own tests, to run in the guest too (step 5): every test binary of the crate.
+SUITE_BINS=()
+if [ "$SUITE" = 1 ]; then
+  say "building iovmap's test suite (static)"
+  suite_json=$W/suite-build.json
+  mkdir -p "$W"
+  in_bg env RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" timeout -k 10 "$BUILD_TIMEOUT" \
+    cargo test --manifest-path "$ROOT/Cargo.toml" --release -p iovmap --no-run --target "$TRIPLE" \
+    --message-format=json >"$suite_json" \
+    || fail "cargo test --no-run of iovmap's suite failed or timed out (${BUILD_TIMEOUT}s)"
+  while IFS= read -r exe; do SUITE_BINS+=("$exe"); done < <(grep -o '"executable":"[^"]*"' "$suite_json" | cut -d'"' -f4)
+  [ ${#SUITE_BINS[@]} -ge 5 ] || fail "expected iovmap's 5+ test binaries, found ${#SUITE_BINS[@]}"
+  say "suite: $(for b in "${SUITE_BINS[@]}"; do basename "$b" | sed 's/-[0-9a-f]*$//'; done | tr '\n' ' ')"
+fi
+
 # ------------------------------------------------------------------ initramfs
 R=$W/rootfs
 rm -rf "$R"
@@ -176,6 +195,8 @@ done
 ln -s bin "$R/sbin"
 cp "$BIN" "$R/bin/iovmap-vmtest"
 cp "$EXAMPLE" "$R/bin/vfio_passthrough"
+mkdir -p "$R/suite"
+for b in "${SUITE_BINS[@]}"; do cp "$b" "$R/suite/$(basename "$b" | sed 's/-[0-9a-f]*$//')"; done
 
 # vfio-pci's module dependencies, depth first (modinfo -F depends), plus the type1 IOMMU
 # backend vfio loads on demand (a softdep, which modinfo -F depends does not list).
@@ -245,6 +266,19 @@ else
     echo "INIT: vfio_passthrough nvme exit $?"
   fi
 fi
+# iovmap's own suite, on this kernel (a test prints SKIP with its reason where the guest
+# lacks something).
+if [ -n "$(ls /suite 2>/dev/null)" ]; then
+  echo 16 >/proc/sys/vm/nr_hugepages
+  mkdir -p /tmp && mount -t tmpfs tmpfs /tmp && cd /tmp
+  for t in /suite/*; do
+    echo "INIT: suite $(basename $t) starts at $(up) s"
+    RUST_BACKTRACE=1 $t --test-threads=2 >/tmp/suite.out 2>&1
+    rc=$?
+    sed "s|^|SUITE[$(basename $t)]: |" /tmp/suite.out
+    echo "SUITE: $(basename $t) exit $rc at $(up) s"
+  done
+fi
 echo "INIT: done at $(up) s, powering off"
 sync
 poweroff -f
@@ -294,6 +328,10 @@ if grep -aq 'INIT: vfio_passthrough nvme exit' "$LOG" 2>/dev/null; then
   grep -aq 'INIT: vfio_passthrough nvme exit 0' "$LOG" || problems+=("vfio_passthrough on nvme did not exit 0")
 fi
 grep -aq 'INIT: done' "$LOG" 2>/dev/null || problems+=("the guest did not finish (QEMU exit $QRC)")
+for b in "${SUITE_BINS[@]}"; do
+  name=$(basename "$b" | sed 's/-[0-9a-f]*$//')
+  grep -aq "^SUITE: $name exit 0 " "$LOG" 2>/dev/null || problems+=("iovmap's $name tests failed in the guest (see SUITE[$name] lines)")
+done
 
 # The bytes the guest left in the host file: the whole image, and (independently of the
 # Rust code) the magic and the verdict.
