@@ -102,19 +102,19 @@ impl Placer<'_> {
     /// Places one run at `dst`. Returns whether it was cloned (true) or fd-mapped (false).
     fn place(&mut self, run: &Run, dst: usize) -> Result<bool, Error> {
         let region = region_of(run, self.regions);
-        let known = match region.map(Region::clone_state) {
-            Some(CloneState::Clones) => Clonability::Clones,
-            Some(CloneState::Refused(_)) => Clonability::Refused,
-            _ => match self.probed.get(&run.vma()) {
-                Some(Ok(())) => Clonability::Clones,
-                Some(Err(_)) => Clonability::Refused,
-                None => Clonability::Unknown,
-            },
+        // What is known about cloning the source: learned by its region (across calls) or
+        // by this call's probe of its VMA; with the kernel's answer when it refused.
+        let learned = match region.map(Region::clone_state) {
+            Some(CloneState::Clones) => Some(Ok(())),
+            Some(CloneState::Refused(errno)) => Some(Err(errno)),
+            _ => self.probed.get(&run.vma()).copied(),
         };
-        let mut refusal = match region.map(Region::clone_state) {
-            Some(CloneState::Refused(errno)) => Some(io::Error::from_raw_os_error(errno)),
-            _ => None,
+        let known = match learned {
+            None => Clonability::Unknown,
+            Some(Ok(())) => Clonability::Clones,
+            Some(Err(_)) => Clonability::Refused,
         };
+        let mut refusal = learned.and_then(Result::err).map(io::Error::from_raw_os_error);
         let mut step = strategy(run, known, self.holes);
         if step == Strategy::Probe {
             let learned = self.probe(run, region)?;

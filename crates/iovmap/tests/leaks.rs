@@ -451,6 +451,7 @@ fn hole_kernels_learn_refusals() {
     // Unregistered: the probe refuses, and nothing is cloned into the reservation.
     let e = iovmap::map(&[ring.map.iov(0, ring.map.len())]).unwrap_err();
     assert!(matches!(e, Error::NoFallback { index: 0, .. }), "{e:?}");
+    assert_eq!(errno_of(&e), Some(libc::EFAULT), "the probe's refusal is the error's source");
     assert_eq!(faults.calls(Syscall::Clone), 2);
     assert_eq!(faults.calls(Syscall::CloneProbe), 3);
 }
