@@ -35,9 +35,7 @@ use crate::view::{MapStats, View};
 /// Builds the view `plan` describes.
 pub(crate) fn build(plan: &Plan, regions: &Regions, opts: &MapOptions) -> Result<View, Error> {
     let runs = plan.runs.len();
-    if runs >= headroom::CHECK_MIN_RUNS {
-        headroom::check(runs)?;
-    }
+    headroom::check(runs)?;
     let reservation = Reservation::new(plan.map_len, plan.align).map_err(|source| Error::Os {
         op: "mmap (reservation)",
         index: None,
