@@ -1,0 +1,16 @@
+//! The bodies of iovmap's fuzz targets, shared by cargo-fuzz (`fuzz/fuzz_targets/*.rs`,
+//! nightly) and by the stable-toolchain replay of the committed corpora
+//! (`tests/replay.rs`, `tests/replay_view.rs`). Each target decodes its input with
+//! `arbitrary` and panics when an invariant breaks; `docs/fuzzing.md` says what each one
+//! checks and how the reference model works.
+
+pub mod fixtures;
+pub mod maps_target;
+pub mod model;
+pub mod plan_target;
+pub mod run;
+pub mod view_target;
+
+pub use maps_target::maps;
+pub use plan_target::plan;
+pub use view_target::view;
