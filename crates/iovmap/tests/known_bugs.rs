@@ -25,7 +25,10 @@ fn a_head_replaced_under_map_never_shows_foreign_pages() {
     for change in [Change::ReplaceHead, Change::ReplaceHeadAnon] {
         for registered in [false, true] {
             let t = w.race(change, registered, 5.0, 300);
-            println!("{change:?}, registered {registered}: {t:?}");
+            println!(
+                "{change:?}, registered {registered}: {} changes, {} views, {} saw the change, {} with foreign pages",
+                t.changes, t.views, t.disturbed, t.bad_views
+            );
             if t.violations > 0 {
                 bad.push(format!("{change:?} (registered: {registered}): {}", t.first_violation.unwrap()));
             }

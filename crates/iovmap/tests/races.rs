@@ -34,13 +34,14 @@ fn main() {
             let name = format!("{change:?}, {}", if registered { "registered" } else { "unregistered" });
             let ok = t.violations == 0 && t.interfered() > 0;
             println!(
-                "race {name} ... {}: {} changes, {} views ({} saw the change), errors {:?}, {} bad pages{}",
+                "race {name} ... {}: {} changes, {} views ({} saw the change), errors {:?}, {} bad pages in {} views{}",
                 if ok { "ok" } else { "FAILED" },
                 t.changes,
                 t.views,
                 t.disturbed,
                 t.errors,
                 t.violations,
+                t.bad_views,
                 t.first_violation.as_ref().map(|v| format!(" (first: {v})")).unwrap_or_default()
             );
             if t.interfered() == 0 {

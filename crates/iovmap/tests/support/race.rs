@@ -79,6 +79,8 @@ pub struct Tally {
     pub errors: std::collections::BTreeMap<String, usize>,
     /// Pages shown that the guarantee does not allow, with a description of the first.
     pub violations: usize,
+    /// Views with such pages.
+    pub bad_views: usize,
     pub first_violation: Option<String>,
     pub changes: usize,
 }
@@ -274,6 +276,7 @@ impl World {
                         t.views += 1;
                         let s = view.stats();
                         let mut disturbed = (s.runs, s.cloned, s.fd_mapped) != undisturbed;
+                        let bad_before = t.violations;
                         let base = view.as_ptr() as usize + PREFIX * p;
                         for j in 0..N {
                             match self.read(base + j * p, p) {
@@ -306,6 +309,7 @@ impl World {
                             assert_eq!(prefix[i * p], kit::pattern(73, 2 * i * p), "prefix page {i}");
                         }
                         t.disturbed += usize::from(disturbed);
+                        t.bad_views += usize::from(t.violations > bad_before);
                     }
                 }
             }
