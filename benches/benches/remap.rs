@@ -143,6 +143,7 @@ fn planning(c: &mut Criterion) {
         prot: libc::PROT_READ | libc::PROT_WRITE,
         shared: true,
         page_size: PAGE,
+        ..Default::default()
     };
     let chunks = iovmap_testkit::workloads::fragmented(2 * n, n, 64, 2);
     let lists = [

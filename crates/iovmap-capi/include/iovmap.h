@@ -97,6 +97,12 @@ typedef enum iovmap_code {
      * caught at the boundary; the failed call mapped and registered nothing.
      */
     IOVMAP_E_PANIC = -13,
+    /**
+     * The mapping a run was cloned from changed while the view was being built (another
+     * thread unmapped, replaced or resized it); nothing was mapped: retry once the guest
+     * memory is stable. The index names the run's first segment.
+     */
+    IOVMAP_E_SOURCE_CHANGED = -14,
 } iovmap_code;
 
 /**
@@ -149,7 +155,7 @@ typedef struct iovmap_stats {
 /**
  * Every code, from `IOVMAP_OK` down.
  */
-#define iovmap_code_ALL { IOVMAP_OK, IOVMAP_E_INVALID_ARGUMENT, IOVMAP_E_EMPTY, IOVMAP_E_TOO_LARGE, IOVMAP_E_UNALIGNED, IOVMAP_E_NOT_MAPPED, IOVMAP_E_NOT_SHAREABLE, IOVMAP_E_NO_FALLBACK, IOVMAP_E_TOO_MANY_MAPPINGS, IOVMAP_E_INVALID_REGION, IOVMAP_E_NOT_WRITABLE, IOVMAP_E_OS, IOVMAP_E_OTHER, IOVMAP_E_PANIC, }
+#define iovmap_code_ALL { IOVMAP_OK, IOVMAP_E_INVALID_ARGUMENT, IOVMAP_E_EMPTY, IOVMAP_E_TOO_LARGE, IOVMAP_E_UNALIGNED, IOVMAP_E_NOT_MAPPED, IOVMAP_E_NOT_SHAREABLE, IOVMAP_E_NO_FALLBACK, IOVMAP_E_TOO_MANY_MAPPINGS, IOVMAP_E_INVALID_REGION, IOVMAP_E_NOT_WRITABLE, IOVMAP_E_OS, IOVMAP_E_OTHER, IOVMAP_E_PANIC, IOVMAP_E_SOURCE_CHANGED, }
 
 #ifdef __cplusplus
 extern "C" {

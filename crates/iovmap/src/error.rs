@@ -91,6 +91,20 @@ pub enum Error {
         index: usize,
     },
 
+    /// The mapping a run was cloned from changed while the view was being built: another
+    /// thread unmapped, replaced or resized it. A clone that met a shorter mapping than
+    /// planned would show pages that were never mapped at the segment's address, so the
+    /// view is not built.
+    #[error(
+        "segment {index}: its mapping changed while the view was being built (another thread unmapped, \
+         replaced or resized it), so the view could show memory that was never there: nothing was mapped; \
+         retry once the mapping is stable"
+    )]
+    SourceChanged {
+        /// Index of the first segment of a run cloned from the mapping that changed.
+        index: usize,
+    },
+
     /// The view needs more mappings than vm.max_map_count leaves room for.
     #[error(
         "the view needs {needed} mappings but this process has room for {available} under \
@@ -149,6 +163,7 @@ impl Error {
             | Error::NoFallback { index, .. }
             | Error::NotWritable { index }
             | Error::DeviceHole { index }
+            | Error::SourceChanged { index }
             | Error::NotInGuestMemory { index } => Some(*index),
             Error::Os { index, .. } => *index,
             _ => None,
@@ -167,6 +182,7 @@ impl Error {
             Error::NoFallback { index, source } => Error::NoFallback { index: f(index), source },
             Error::NotWritable { index } => Error::NotWritable { index: f(index) },
             Error::DeviceHole { index } => Error::DeviceHole { index: f(index) },
+            Error::SourceChanged { index } => Error::SourceChanged { index: f(index) },
             Error::NotInGuestMemory { index } => Error::NotInGuestMemory { index: f(index) },
             Error::Os { op, index: Some(index), source } => Error::Os { op, index: Some(f(index)), source },
             other => other,

@@ -7,8 +7,13 @@
 //!    fd at the run's offset instead, and remember the refusal on the region so its later
 //!    runs (in this call and later ones) go to the fd directly. Runs that cross VMAs go to
 //!    the fd directly.
-//! 4. mprotect the view when a clone inherited a protection other than the one asked for.
-//! 5. Prefault the RAM runs if asked.
+//! 4. Check every clone of more than one page: a clone is not bounded by the VMA at its
+//!    source, so one that met a shorter mapping (another thread replaced the source under
+//!    the call) shows pages never mapped there. The clone's VMA says which file and offset
+//!    it maps; if that is not the source the plan saw, the view is not built
+//!    (`SourceChanged`).
+//! 5. mprotect the view when a clone inherited a protection other than the one asked for.
+//! 6. Prefault the RAM runs if asked.
 //!
 //! Any error drops the reservation, which unmaps everything placed so far.
 //!
@@ -31,6 +36,7 @@ use crate::regions::{CloneState, Region, Regions};
 use crate::reservation::Reservation;
 use crate::sys;
 use crate::view::{MapStats, View};
+use crate::vma::ProcessVmas;
 
 /// Builds the view `plan` describes.
 pub(crate) fn build(plan: &Plan, regions: &Regions, opts: &MapOptions) -> Result<View, Error> {
@@ -47,6 +53,7 @@ pub(crate) fn build(plan: &Plan, regions: &Regions, opts: &MapOptions) -> Result
         prot: opts.access.prot(),
         holes: holes::kernel_punches_holes(),
         probed: BTreeMap::new(),
+        to_check: Vec::new(),
         stats: MapStats { segments: plan.segments, runs, ..MapStats::default() },
     };
     match placer.fill(plan, opts) {
@@ -75,6 +82,8 @@ struct Placer<'r> {
     holes: bool,
     /// On such kernels: what a clone of each source VMA (by the plan's VMA index) gave.
     probed: BTreeMap<usize, Result<(), i32>>,
+    /// Runs (by index in the plan) placed by a clone of more than one page.
+    to_check: Vec<usize>,
     stats: MapStats,
 }
 
@@ -83,16 +92,54 @@ impl Placer<'_> {
     fn fill(&mut self, plan: &Plan, opts: &MapOptions) -> Result<(), Error> {
         let base = self.reservation.base();
         let mut reprotect = false;
-        for run in &plan.runs {
+        let page = sys::page_size();
+        for (i, run) in plan.runs.iter().enumerate() {
             debug_assert!(run.dst() + run.len() <= self.reservation.len());
             let cloned = self.place(run, base + run.dst())?;
+            // A clone of one page cannot run past its source: every VMA holds whole pages.
+            if cloned && run.len() > page {
+                self.to_check.push(i);
+            }
             reprotect |= cloned && run.prot() != self.prot;
         }
+        self.check_clones(plan, base)?;
         if reprotect {
             protect(base, self.reservation.len(), plan, self.prot)?;
         }
         if opts.populate {
             populate(base, plan, self.regions, self.prot & libc::PROT_WRITE != 0)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that every clone of more than one page maps the file and offset the plan saw
+    /// at its source (one VMA query each, answered by the kernel: nothing cached).
+    ///
+    /// A clone copies `len` bytes of whatever mapping is at its source when it runs; if
+    /// another thread had mapped something shorter there, the clone went on into that
+    /// mapping's file: pages never mapped at the address, or past the file's end. The
+    /// clone's own VMA records which file and offset it maps, whatever happened to the
+    /// source since, so this catches it even if the source was put back before the check.
+    /// (A source replaced by a mapping of the same file at the same offset shows the same
+    /// bytes; one replaced by another mapping covering the whole run shows that mapping,
+    /// which was mapped there during the call.)
+    fn check_clones(&self, plan: &Plan, base: usize) -> Result<(), Error> {
+        let mut now = ProcessVmas::new();
+        for &i in &self.to_check {
+            let run = &plan.runs[i];
+            let planned = plan.vmas[run.vma()];
+            let want = planned.offset + (run.src() - planned.start) as u64;
+            let dst = base + run.dst();
+            let seen = now.vma_at_uncached(dst).map_err(|source| Error::Os {
+                op: "VMA lookup",
+                index: Some(run.first()),
+                source,
+            })?;
+            let same = seen.is_some_and(|v| v.file == planned.file && v.offset + (dst - v.start) as u64 == want);
+            if !same {
+                log::debug!("iovmap: the clone of {:#x}+{:#x} maps {seen:?}, not {planned:?}", run.src(), run.len());
+                return Err(Error::SourceChanged { index: run.first() });
+            }
         }
         Ok(())
     }

@@ -11,7 +11,7 @@
 //!
 //! // One shared mapping of 16 pages at 0x10000.
 //! let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: libc::PROT_READ | libc::PROT_WRITE,
-//!                       shared: true, page_size: 0x1000 }];
+//!                       shared: true, page_size: 0x1000, ..Default::default() }];
 //! let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
 //! // Three adjacent pages, then one further on: two runs.
 //! let list = [iov(0x10000, 0x1000), iov(0x11000, 0x2000), iov(0x18000, 0x1000)];
@@ -36,7 +36,7 @@ pub use crate::vma::{Vma, VmaSource};
 /// ```
 /// use iovmap::plan::{plan, FdSource, FileId, RegionSpan, Vma};
 /// let rw = libc::PROT_READ | libc::PROT_WRITE;
-/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000 }];
+/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000, ..Default::default() }];
 /// // The mapping is file 7 from offset 0x100000, registered.
 /// let regions = [RegionSpan { start: 0x10000, end: 0x20000, offset: 0x100000,
 ///                             file: FileId { dev: 1, ino: 7 }, page_size: 0x1000, mappable: true }];
@@ -61,7 +61,7 @@ pub struct FdSource {
 /// ```
 /// use iovmap::plan::{plan, Vma};
 /// let rw = libc::PROT_READ | libc::PROT_WRITE;
-/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000 }];
+/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000, ..Default::default() }];
 /// let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
 /// // Two pages of the same mapping in a row: one run, cloned from 0x14000.
 /// let p = plan(&[iov(0x14000, 0x1000), iov(0x15000, 0x1000)], &mut vmas[..], &[], 0x1000)?;
@@ -94,7 +94,7 @@ impl Run {
     ///
     /// ```
     /// # use iovmap::plan::{plan, Vma};
-    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000, ..Default::default() }];
     /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
     /// let p = plan(&[iov(0x14000, 0x1000), iov(0x18000, 0x1000)], &mut vmas[..], &[], 0x1000)?;
     /// assert_eq!((p.runs[0].dst(), p.runs[1].dst()), (0, 0x1000));
@@ -109,7 +109,7 @@ impl Run {
     ///
     /// ```
     /// # use iovmap::plan::{plan, Vma};
-    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000, ..Default::default() }];
     /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
     /// let p = plan(&[iov(0x14000, 0x10)], &mut vmas[..], &[], 0x1000)?;
     /// assert_eq!(p.runs[0].len(), 0x1000); // the whole last page
@@ -125,7 +125,7 @@ impl Run {
     ///
     /// ```
     /// # use iovmap::plan::{plan, Vma};
-    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000, ..Default::default() }];
     /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
     /// let p = plan(&[iov(0x14080, 0x10)], &mut vmas[..], &[], 0x1000)?;
     /// assert_eq!(p.runs[0].src(), 0x14000);
@@ -140,7 +140,7 @@ impl Run {
     ///
     /// ```
     /// # use iovmap::plan::{plan, Vma};
-    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000, ..Default::default() }];
     /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
     /// assert!(plan(&[iov(0x14000, 0x1000)], &mut vmas[..], &[], 0x1000)?.runs[0].clonable());
     /// # Ok::<(), iovmap::Error>(())
@@ -155,7 +155,7 @@ impl Run {
     ///
     /// ```
     /// # use iovmap::plan::{plan, Vma};
-    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000, ..Default::default() }];
     /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
     /// assert_eq!(plan(&[iov(0x14000, 0x1000)], &mut vmas[..], &[], 0x1000)?.runs[0].fd(), None);
     /// # Ok::<(), iovmap::Error>(())
@@ -169,7 +169,7 @@ impl Run {
     ///
     /// ```
     /// # use iovmap::plan::{plan, Vma};
-    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000, ..Default::default() }];
     /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
     /// assert_eq!(plan(&[iov(0x14000, 0x1000)], &mut vmas[..], &[], 0x1000)?.runs[0].page_size(), 0x1000);
     /// # Ok::<(), iovmap::Error>(())
@@ -183,7 +183,7 @@ impl Run {
     ///
     /// ```
     /// # use iovmap::plan::{plan, Vma};
-    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: libc::PROT_READ, shared: true, page_size: 0x1000 }];
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: libc::PROT_READ, shared: true, page_size: 0x1000, ..Default::default() }];
     /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
     /// assert_eq!(plan(&[iov(0x14000, 0x1000)], &mut vmas[..], &[], 0x1000)?.runs[0].prot(), libc::PROT_READ);
     /// # Ok::<(), iovmap::Error>(())
@@ -197,7 +197,7 @@ impl Run {
     ///
     /// ```
     /// # use iovmap::plan::{plan, Vma};
-    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000, ..Default::default() }];
     /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
     /// let p = plan(&[iov(0x14000, 0), iov(0x14000, 0x1000)], &mut vmas[..], &[], 0x1000)?;
     /// assert_eq!(p.runs[0].first(), 1);
@@ -213,8 +213,8 @@ impl Run {
     ///
     /// ```
     /// # use iovmap::plan::{plan, Vma};
-    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 },
-    /// #                 Vma { start: 0x30000, end: 0x40000, prot: 3, shared: true, page_size: 0x1000 }];
+    /// # let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000, ..Default::default() },
+    /// #                 Vma { start: 0x30000, end: 0x40000, prot: 3, shared: true, page_size: 0x1000, ..Default::default() }];
     /// # let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
     /// let p = plan(&[iov(0x14000, 0x1000), iov(0x30000, 0x1000), iov(0x18000, 0x1000)], &mut vmas[..], &[], 0x1000)?;
     /// assert_eq!(p.runs[0].vma(), p.runs[2].vma());
@@ -232,7 +232,7 @@ impl Run {
 /// ```
 /// use iovmap::plan::{plan, Vma};
 /// let rw = libc::PROT_READ | libc::PROT_WRITE;
-/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000 }];
+/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000, ..Default::default() }];
 /// let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
 /// // Starts 0x80 bytes into a page, ends mid-page: one page mapped, 0x100 bytes viewed.
 /// let p = plan(&[iov(0x12080, 0x100)], &mut vmas[..], &[], 0x1000)?;
@@ -254,6 +254,9 @@ pub struct Plan {
     pub map_len: usize,
     /// Alignment the reservation needs: the largest page size of any run.
     pub align: usize,
+    /// The VMAs the runs come from, as the planner saw them, indexed by [`Run::vma`]. The
+    /// map path checks, after cloning, that they are still there as seen.
+    pub vmas: Vec<Vma>,
 }
 
 /// What is known about cloning a run's source mapping.
@@ -289,7 +292,7 @@ pub enum Strategy {
 /// ```
 /// use iovmap::plan::{plan, strategy, Clonability, Strategy, Vma};
 /// let rw = libc::PROT_READ | libc::PROT_WRITE;
-/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000 }];
+/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000, ..Default::default() }];
 /// let run = plan(&[libc::iovec { iov_base: 0x10000 as *mut _, iov_len: 0x1000 }], &mut vmas[..], &[], 0x1000)?.runs[0];
 /// assert_eq!(strategy(&run, Clonability::Unknown, false), Strategy::Clone);
 /// assert_eq!(strategy(&run, Clonability::Unknown, true), Strategy::Probe);
@@ -316,8 +319,9 @@ struct Open {
     last: usize,
     /// Host address one past the last byte added so far.
     src_end: usize,
-    /// Start of the VMA of the last piece, which a clone continuation must share.
-    vma_start: usize,
+    /// The VMA of the last piece, which a clone continuation must share: the whole VMA,
+    /// not its start (under a race, two lookups may find two mappings with one start).
+    vma: Vma,
     /// File offset one past the last byte added, when the run can be placed by fd.
     off_end: u64,
     /// End of the VMA and region (or gap) of the last piece: the run may not map past it.
@@ -335,8 +339,10 @@ struct Planner<'a, V: ?Sized> {
     open: Option<Open>,
     /// The VMA of the last piece, to avoid asking the source again, and its index.
     vma: Option<(Vma, u32)>,
-    /// Index of each VMA seen, by start address.
-    vma_index: BTreeMap<usize, u32>,
+    /// Index of each VMA seen, by its whole identity: extent, file and offset.
+    vma_index: BTreeMap<(usize, usize, u64, u64, u64), u32>,
+    /// The VMAs seen, by index.
+    vmas_seen: Vec<Vma>,
     lead: usize,
     align: usize,
 }
@@ -349,7 +355,7 @@ struct Planner<'a, V: ?Sized> {
 /// ```
 /// use iovmap::plan::{plan, Vma};
 /// let rw = libc::PROT_READ | libc::PROT_WRITE;
-/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000 }];
+/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000, ..Default::default() }];
 /// let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
 /// let e = plan(&[iov(0x30000, 0x1000)], &mut vmas[..], &[], 0x1000).unwrap_err();
 /// assert!(matches!(e, iovmap::Error::NotMapped { index: 0 }));
@@ -376,7 +382,7 @@ pub fn plan<V: VmaSource + ?Sized>(
 ///
 /// ```
 /// use iovmap::plan::{plan_into, Plan, Vma};
-/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000 }];
+/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: 3, shared: true, page_size: 0x1000, ..Default::default() }];
 /// let iov = |a: usize| libc::iovec { iov_base: a as *mut _, iov_len: 0x1000 };
 /// let mut reused = Plan::default();
 /// for list in [[iov(0x10000), iov(0x12000)], [iov(0x13000), iov(0x14000)]] {
@@ -406,6 +412,7 @@ pub fn plan_into<V: VmaSource + ?Sized>(
         open: None,
         vma: None,
         vma_index: BTreeMap::new(),
+        vmas_seen: Vec::new(),
         lead: 0,
         align: base_page,
     };
@@ -426,7 +433,9 @@ pub fn plan_into<V: VmaSource + ?Sized>(
             continue;
         }
         segments += 1;
-        total = total.checked_add(len).ok_or(Error::TooLarge)?;
+        // Checked per segment: the view offset of any byte (the lead plus the bytes
+        // before it) then stays below usize::MAX, so no run's place can wrap.
+        total = total.checked_add(len).filter(|&t| t <= isize::MAX as usize).ok_or(Error::TooLarge)?;
         let addr = iov.iov_base as usize;
         if addr == cursor && len <= window - addr {
             cursor += len;
@@ -447,15 +456,12 @@ pub fn plan_into<V: VmaSource + ?Sized>(
     if total == 0 {
         return Err(Error::Empty);
     }
-    if total > isize::MAX as usize {
-        return Err(Error::TooLarge);
-    }
     p.close_last()?;
     let map_len = p.runs.last().map_or(0, |r| r.dst + r.len);
     if map_len > isize::MAX as usize - p.align {
         return Err(Error::TooLarge);
     }
-    *out = Plan { runs: p.runs, segments, len: total, lead: p.lead, map_len, align: p.align };
+    *out = Plan { runs: p.runs, segments, len: total, lead: p.lead, map_len, align: p.align, vmas: p.vmas_seen };
     Ok(())
 }
 
@@ -488,7 +494,10 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         // so that the planner always makes progress.
         let v = found.filter(|v| v.contains(at)).ok_or(Error::NotMapped { index })?;
         let next = self.vma_index.len() as u32;
-        let i = *self.vma_index.entry(v.start).or_insert(next);
+        let i = *self.vma_index.entry((v.start, v.end, v.offset, v.file.dev, v.file.ino)).or_insert(next);
+        if i == next {
+            self.vmas_seen.push(v);
+        }
         self.vma = Some((v, i));
         Ok((v, i))
     }
@@ -497,7 +506,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
     /// first VMA or region boundary). Returns where the piece ends and the end of the
     /// window the open run may keep growing into.
     fn piece(&mut self, at: usize, end: usize, index: usize) -> Result<(usize, usize), Error> {
-        let (region, region_end) = region_window(self.spans, at);
+        let (region, region_start, region_end) = region_window(self.spans, at);
         if region.is_some_and(|r| !self.spans[r].mappable) {
             return Err(Error::DeviceHole { index });
         }
@@ -512,11 +521,14 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         let offset = span.map(|s| s.offset_of(at));
 
         if let Some(open) = self.open.as_mut() {
-            let by_clone = open.run.clone && at == open.src_end && vma.start == open.vma_start;
-            let by_fd = match (open.run.fd(), span, offset) {
-                (Some(fd), Some(s), Some(off)) => self.spans[fd.region].file == s.file && off == open.off_end,
-                _ => false,
-            };
+            // A run has one page size: a piece of another never continues it.
+            let same_page = page_size == open.run.page_size();
+            let by_clone = same_page && open.run.clone && at == open.src_end && vma == open.vma;
+            let by_fd = same_page
+                && match (open.run.fd(), span, offset) {
+                    (Some(fd), Some(s), Some(off)) => self.spans[fd.region].file == s.file && off == open.off_end,
+                    _ => false,
+                };
             if by_clone || by_fd {
                 open.run.clone = by_clone;
                 if !by_fd {
@@ -526,7 +538,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
                 open.off_end = offset.map_or(0, |o| o + (piece_end - at) as u64);
                 open.mapped += piece_end - at;
                 open.src_end = piece_end;
-                open.vma_start = vma.start;
+                open.vma = vma;
                 open.limit = window;
                 return Ok((piece_end, window));
             }
@@ -536,7 +548,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         // first run is mapped from the page boundary below its first byte.
         let (dst, src) = match self.close_interior()? {
             Some(prev) => {
-                let dst = prev.dst + prev.len;
+                let dst = prev.dst.checked_add(prev.len).ok_or(Error::TooLarge)?;
                 if !is_aligned(at, page_size) || !is_aligned(dst, page_size) {
                     return Err(Error::Unaligned { index });
                 }
@@ -551,7 +563,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         // their page size); a table that breaks it cannot be placed without crossing.
         let floor = (at - src) as u64;
         let fd_offset = offset.map(|o| o.checked_sub(floor));
-        if src < vma.start || span.is_some_and(|s| src < s.start) || fd_offset == Some(None) {
+        if src < vma.start || src < region_start || fd_offset == Some(None) {
             return Err(Error::Unaligned { index });
         }
         self.align = self.align.max(page_size);
@@ -571,7 +583,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
             },
             last: index,
             src_end: piece_end,
-            vma_start: vma.start,
+            vma,
             off_end: offset.map_or(0, |o| o + (piece_end - at) as u64),
             limit: window,
             mapped: piece_end - src,
@@ -583,7 +595,9 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
     fn close_interior(&mut self) -> Result<Option<Run>, Error> {
         let Some(open) = self.open.take() else { return Ok(None) };
         let mut run = open.run;
-        if !is_aligned(open.src_end, run.page_size()) {
+        // Its end, in the source and in the view (a run that hops between aliases of one
+        // file by offset maps `mapped` bytes, whatever the addresses), is on a page boundary.
+        if !is_aligned(open.src_end, run.page_size()) || !is_aligned(open.mapped, run.page_size()) {
             return Err(Error::Unaligned { index: open.last });
         }
         run.len = open.mapped;
@@ -595,11 +609,14 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
     fn close_last(&mut self) -> Result<(), Error> {
         let Some(open) = self.open.take() else { return Ok(()) };
         let mut run = open.run;
-        let end = open.src_end.checked_next_multiple_of(run.page_size()).ok_or(Error::TooLarge)?;
+        // Mapped to the end of its last page: the tail goes on from the last piece, which
+        // must hold it (its VMA and region, or gap, end on page boundaries).
+        let len = open.mapped.checked_next_multiple_of(run.page_size()).ok_or(Error::TooLarge)?;
+        let end = open.src_end.checked_add(len - open.mapped).ok_or(Error::TooLarge)?;
         if end > open.limit {
             return Err(Error::Unaligned { index: open.last });
         }
-        run.len = open.mapped + (end - open.src_end);
+        run.len = len;
         run.dst.checked_add(run.len).ok_or(Error::TooLarge)?;
         self.runs.push(run);
         Ok(())
@@ -618,7 +635,7 @@ mod tests {
         libc::iovec { iov_base: a as *mut libc::c_void, iov_len: l }
     }
     fn shared(start: usize, end: usize) -> Vma {
-        Vma { start, end, prot: RW, shared: true, page_size: P }
+        Vma { start, end, prot: RW, shared: true, page_size: P, ..Default::default() }
     }
     fn span(start: usize, end: usize, offset: u64, ino: u64) -> RegionSpan {
         RegionSpan { start, end, offset, file: FileId { dev: 1, ino }, page_size: P, mappable: true }
@@ -701,8 +718,11 @@ mod tests {
 
     #[test]
     fn overflowing_sums_are_too_large() {
-        // A segment that wraps the address space cannot be mapped.
+        // A segment longer than isize::MAX is too large before it is found to wrap.
         let e = run_plan(&[iov(0x10000, usize::MAX)], &[shared(0x10000, 0x20000)], &[]).unwrap_err();
+        assert!(matches!(e, Error::TooLarge), "{e:?}");
+        // A segment of sane length that wraps the address space cannot be mapped.
+        let e = run_plan(&[iov(usize::MAX - 10, 20)], &[shared(0x10000, 0x20000)], &[]).unwrap_err();
         assert!(matches!(e, Error::NotMapped { index: 0 }), "{e:?}");
         // Valid segments whose sum overflows (a huge mapping listed repeatedly).
         let huge = shared(P, usize::MAX - P + 1);
@@ -825,7 +845,7 @@ mod tests {
         struct Liar;
         impl VmaSource for Liar {
             fn vma_at(&mut self, _: usize) -> std::io::Result<Option<Vma>> {
-                Ok(Some(Vma { start: 0, end: 0x1000, prot: RW, shared: true, page_size: P }))
+                Ok(Some(Vma { start: 0, end: 0x1000, prot: RW, shared: true, page_size: P, ..Default::default() }))
             }
         }
         let e = plan(&[iov(0x5000, P)], &mut Liar, &[], P).unwrap_err();

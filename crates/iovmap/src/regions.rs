@@ -169,14 +169,15 @@ impl Regions {
     }
 }
 
-/// Finds the registered region containing `addr` in a sorted span table, or else the end
-/// of the unregistered gap that `addr` lies in. Returns `(index, window_end)`.
+/// Finds the registered region containing `addr` in a sorted span table, or else the
+/// unregistered gap that `addr` lies in. Returns `(index, window_start, window_end)`: the
+/// bounds of that region or gap.
 #[inline]
-pub(crate) fn region_window(spans: &[RegionSpan], addr: usize) -> (Option<usize>, usize) {
+pub(crate) fn region_window(spans: &[RegionSpan], addr: usize) -> (Option<usize>, usize, usize) {
     let i = spans.partition_point(|s| s.start <= addr);
     match i.checked_sub(1) {
-        Some(j) if addr < spans[j].end => (Some(j), spans[j].end),
-        _ => (None, spans.get(i).map_or(usize::MAX, |s| s.start)),
+        Some(j) if addr < spans[j].end => (Some(j), spans[j].start, spans[j].end),
+        prev => (None, prev.map_or(0, |j| spans[j].end), spans.get(i).map_or(usize::MAX, |s| s.start)),
     }
 }
 
@@ -191,13 +192,13 @@ mod tests {
     #[test]
     fn windows_cover_regions_and_gaps() {
         let spans = [span(0x1000, 0x3000), span(0x5000, 0x6000)];
-        assert_eq!(region_window(&spans, 0), (None, 0x1000));
-        assert_eq!(region_window(&spans, 0x1000), (Some(0), 0x3000));
-        assert_eq!(region_window(&spans, 0x2fff), (Some(0), 0x3000));
-        assert_eq!(region_window(&spans, 0x3000), (None, 0x5000));
-        assert_eq!(region_window(&spans, 0x5800), (Some(1), 0x6000));
-        assert_eq!(region_window(&spans, 0x6000), (None, usize::MAX));
-        assert_eq!(region_window(&[], 42), (None, usize::MAX));
+        assert_eq!(region_window(&spans, 0), (None, 0, 0x1000));
+        assert_eq!(region_window(&spans, 0x1000), (Some(0), 0x1000, 0x3000));
+        assert_eq!(region_window(&spans, 0x2fff), (Some(0), 0x1000, 0x3000));
+        assert_eq!(region_window(&spans, 0x3000), (None, 0x3000, 0x5000));
+        assert_eq!(region_window(&spans, 0x5800), (Some(1), 0x5000, 0x6000));
+        assert_eq!(region_window(&spans, 0x6000), (None, 0x6000, usize::MAX));
+        assert_eq!(region_window(&[], 42), (None, 0, usize::MAX));
     }
 
     #[test]

@@ -109,7 +109,7 @@ impl Remapper {
     /// offset; overlap with a registered region; a file shorter than `offset + len`; a
     /// range that is not mapped or is private.
     pub fn register(&mut self, addr: *const u8, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<(), Error> {
-        let span = self.check_region(addr as usize, len, fd, offset, &mut ProcessVmas::new())?;
+        let span = self.check_region(addr as usize, len, fd, offset, &mut ProcessVmas::new(), anon_file_id())?;
         let dup = sys::dup_cloexec(fd).map_err(|e| invalid(format!("cannot duplicate the fd: {e}")))?;
         let group = self.regions.new_group();
         let region = Region::new(span, Some(dup), group);
@@ -118,7 +118,9 @@ impl Remapper {
         Ok(())
     }
 
-    /// Validates a registration and returns its span.
+    /// Validates a registration and returns its span. `anon` is the file identity to give
+    /// the region if its fd is an anonymous-inode file, whose `(st_dev, st_ino)` every other
+    /// such file shares (see [`anon_file_id`]).
     pub(crate) fn check_region(
         &self,
         start: usize,
@@ -126,6 +128,7 @@ impl Remapper {
         fd: BorrowedFd<'_>,
         offset: u64,
         vmas: &mut dyn VmaSource,
+        anon: FileId,
     ) -> Result<RegionSpan, Error> {
         let what = || format!("[{start:#x}, +{len:#x}) at fd offset {offset:#x}");
         if len == 0 {
@@ -182,7 +185,8 @@ impl Remapper {
                 what()
             )));
         }
-        Ok(RegionSpan { start, end, offset, file: FileId { dev: info.dev, ino: info.ino }, page_size, mappable: true })
+        let file = if info.anon_inode { anon } else { FileId { dev: info.dev, ino: info.ino } };
+        Ok(RegionSpan { start, end, offset, file, page_size, mappable: true })
     }
 
     /// Forgets the registration made at `addr` (the address given to
@@ -318,6 +322,15 @@ pub fn map(iovs: &[libc::iovec]) -> Result<View, Error> {
 fn map_in(iovs: &[libc::iovec], regions: &Regions, opts: &MapOptions) -> Result<View, Error> {
     let plan = plan::plan(iovs, &mut ProcessVmas::new(), regions.spans(), sys::page_size())?;
     place::build(&plan, regions, opts)
+}
+
+/// A file identity of its own for the regions of one registration whose fd is an
+/// anonymous-inode file (BPF maps, perf events, io_uring, vfio group-mode device fds):
+/// they all share one `(st_dev, st_ino)`, so two devices' regions would otherwise look like
+/// one file and coalesce by offset. No real file has `st_dev` `u64::MAX`.
+pub(crate) fn anon_file_id() -> FileId {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    FileId { dev: u64::MAX, ino: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) }
 }
 
 fn invalid(reason: String) -> Error {

@@ -308,7 +308,13 @@ pub(crate) struct FileInfo {
     pub sized: bool,
     /// The huge page size when the file lives on hugetlbfs.
     pub huge_page: Option<usize>,
+    /// Whether it is an anonymous-inode file (BPF maps, perf events, io_uring, vfio
+    /// group-mode device fds): they all share one `(st_dev, st_ino)`.
+    pub anon_inode: bool,
 }
+
+/// `ANON_INODE_FS_MAGIC` of `<linux/magic.h>`.
+const ANON_INODE_FS_MAGIC: libc::c_long = 0x0904_1934;
 
 /// fstat + fstatfs of `fd`.
 pub(crate) fn file_info(fd: BorrowedFd<'_>) -> io::Result<FileInfo> {
@@ -329,6 +335,7 @@ pub(crate) fn file_info(fd: BorrowedFd<'_>) -> io::Result<FileInfo> {
         size: u64::try_from(st.st_size).unwrap_or(0),
         sized: st.st_mode & libc::S_IFMT == libc::S_IFREG,
         huge_page,
+        anon_inode: fs.f_type == ANON_INODE_FS_MAGIC,
     })
 }
 
@@ -412,6 +419,10 @@ pub(crate) struct QueriedVma {
     pub end: u64,
     pub flags: u64,
     pub page_size: u64,
+    pub offset: u64,
+    pub inode: u64,
+    pub dev_major: u32,
+    pub dev_minor: u32,
 }
 
 /// Asks the kernel which VMA covers `addr`. `Ok(None)`: no VMA covers it.
@@ -427,9 +438,16 @@ pub(crate) fn procmap_query(maps: BorrowedFd<'_>, addr: usize) -> io::Result<Opt
     // the size assertion above), with no name or build-id buffers (sizes 0, addresses 0).
     let ret = unsafe { libc::ioctl(maps.as_raw_fd(), PROCMAP_QUERY, &mut q as *mut ProcmapQuery) };
     match check_int(ret) {
-        Ok(_) => {
-            Ok(Some(QueriedVma { start: q.vma_start, end: q.vma_end, flags: q.vma_flags, page_size: q.vma_page_size }))
-        }
+        Ok(_) => Ok(Some(QueriedVma {
+            start: q.vma_start,
+            end: q.vma_end,
+            flags: q.vma_flags,
+            page_size: q.vma_page_size,
+            offset: q.vma_offset,
+            inode: q.inode,
+            dev_major: q.dev_major,
+            dev_minor: q.dev_minor,
+        })),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }

@@ -156,13 +156,14 @@ impl Remapper {
         }
         // Validate every area (and take its fd) before anything is inserted.
         let mut vmas = ProcessVmas::new();
+        let anon = crate::remapper::anon_file_id();
         let mut spans = Vec::new();
         let mut cursor = 0u64;
         for &(offset, len) in &areas {
             let at = base + offset as usize;
             let fd_offset = info.offset.checked_add(offset).ok_or_else(|| invalid("fd offset overflows".into()))?;
             let span = self
-                .check_region(at, len as usize, device_fd, fd_offset, &mut vmas)
+                .check_region(at, len as usize, device_fd, fd_offset, &mut vmas, anon)
                 .map_err(|e| in_region(e, info.index))?;
             if offset > cursor {
                 spans.push(hole(base, cursor, offset, span));

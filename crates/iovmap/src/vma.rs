@@ -13,16 +13,17 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use crate::regions::FileId;
 use crate::sys;
 
 /// One mapping (VMA) of the address space, as far as planning a view cares.
 ///
 /// ```
 /// use iovmap::plan::Vma;
-/// let v = Vma { start: 0x1000, end: 0x3000, prot: libc::PROT_READ, shared: true, page_size: 0x1000 };
+/// let v = Vma { start: 0x1000, end: 0x3000, prot: libc::PROT_READ, shared: true, page_size: 0x1000, ..Default::default() };
 /// assert!(v.contains(0x2fff) && !v.contains(0x3000));
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Vma {
     /// First address of the mapping.
     pub start: usize,
@@ -35,6 +36,11 @@ pub struct Vma {
     /// The page size of the mapping: the base page, or the huge page size of hugetlbfs.
     /// Sources that cannot tell (the `/proc/self/maps` text) report the base page.
     pub page_size: usize,
+    /// Offset in its file of the mapping's first byte.
+    pub offset: u64,
+    /// The file it maps (device as `major << 32 | minor`, inode; zero for none): with
+    /// `offset`, what a clone of it must show.
+    pub file: FileId,
 }
 
 impl Vma {
@@ -42,7 +48,7 @@ impl Vma {
     ///
     /// ```
     /// # use iovmap::plan::Vma;
-    /// let v = Vma { start: 0x1000, end: 0x2000, prot: 0, shared: false, page_size: 0x1000 };
+    /// let v = Vma { start: 0x1000, end: 0x2000, page_size: 0x1000, ..Vma::default() };
     /// assert!(v.contains(0x1000) && !v.contains(0xfff));
     /// ```
     #[inline]
@@ -61,7 +67,7 @@ impl Vma {
 /// struct OneBigMapping;
 /// impl VmaSource for OneBigMapping {
 ///     fn vma_at(&mut self, addr: usize) -> std::io::Result<Option<Vma>> {
-///         let v = Vma { start: 0, end: 1 << 40, prot: libc::PROT_READ, shared: true, page_size: 4096 };
+///         let v = Vma { start: 0, end: 1 << 40, prot: libc::PROT_READ, shared: true, page_size: 4096, ..Default::default() };
 ///         Ok(v.contains(addr).then_some(v))
 ///     }
 /// }
@@ -94,6 +100,14 @@ pub fn parse_maps_line(line: &[u8], page_size: usize) -> Option<Vma> {
     let mut fields = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
     let range = fields.next()?;
     let perms = fields.next()?;
+    let offset = parse_hex(fields.next()?)? as u64;
+    let dev = fields.next()?;
+    let colon = dev.iter().position(|&b| b == b':')?;
+    let (major, minor) = (parse_hex(&dev[..colon])?, parse_hex(&dev[colon + 1..])?);
+    let ino = parse_dec(fields.next()?)?;
+    if major > u32::MAX as usize || minor > u32::MAX as usize {
+        return None;
+    }
     let dash = range.iter().position(|&b| b == b'-')?;
     let start = parse_hex(&range[..dash])?;
     let end = parse_hex(&range[dash + 1..])?;
@@ -122,11 +136,12 @@ pub fn parse_maps_line(line: &[u8], page_size: usize) -> Option<Vma> {
         b'p' => false,
         _ => return None,
     };
-    Some(Vma { start, end, prot, shared, page_size })
+    let file = FileId { dev: (major as u64) << 32 | minor as u64, ino };
+    Some(Vma { start, end, prot, shared, page_size, offset, file })
 }
 
-/// Formats a [`Vma`] as a `/proc/<pid>/maps` line (offset, device and inode zero), the
-/// inverse of [`parse_maps_line`] for what it keeps.
+/// Formats a [`Vma`] as a `/proc/<pid>/maps` line (without the path), the inverse of
+/// [`parse_maps_line`] for what it keeps.
 ///
 /// ```
 /// use iovmap::maps::{format_maps_line, parse_maps_line};
@@ -135,14 +150,28 @@ pub fn parse_maps_line(line: &[u8], page_size: usize) -> Option<Vma> {
 /// ```
 pub fn format_maps_line(vma: &Vma) -> String {
     format!(
-        "{:x}-{:x} {}{}{}{} 00000000 00:00 0",
+        "{:x}-{:x} {}{}{}{} {:08x} {:02x}:{:02x} {}",
         vma.start,
         vma.end,
         if vma.prot & libc::PROT_READ != 0 { 'r' } else { '-' },
         if vma.prot & libc::PROT_WRITE != 0 { 'w' } else { '-' },
         if vma.prot & libc::PROT_EXEC != 0 { 'x' } else { '-' },
         if vma.shared { 's' } else { 'p' },
+        vma.offset,
+        vma.file.dev >> 32,
+        vma.file.dev & 0xffff_ffff,
+        vma.file.ino,
     )
+}
+
+fn parse_dec(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    s.iter().try_fold(0u64, |acc, &b| {
+        let d = (b as char).to_digit(10)?;
+        acc.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 fn parse_hex(s: &[u8]) -> Option<usize> {
@@ -225,29 +254,49 @@ impl ProcessVmas {
                 return Ok(Some(*v));
             }
         }
-        let Some(q) = query_kernel(addr)? else { return Ok(None) };
-        let (Ok(start), Ok(end)) = (usize::try_from(q.start), usize::try_from(q.end)) else {
-            return Ok(None);
-        };
-        let mut prot = 0;
-        if q.flags & sys::PROCMAP_READABLE != 0 {
-            prot |= libc::PROT_READ;
+        let found = query_one(addr)?;
+        if let Some(vma) = found {
+            self.seen.insert(vma.start, vma);
         }
-        if q.flags & sys::PROCMAP_WRITABLE != 0 {
-            prot |= libc::PROT_WRITE;
+        Ok(found)
+    }
+}
+
+/// One PROCMAP_QUERY, converted.
+fn query_one(addr: usize) -> io::Result<Option<Vma>> {
+    let Some(q) = query_kernel(addr)? else { return Ok(None) };
+    let (Ok(start), Ok(end)) = (usize::try_from(q.start), usize::try_from(q.end)) else {
+        return Ok(None);
+    };
+    let mut prot = 0;
+    if q.flags & sys::PROCMAP_READABLE != 0 {
+        prot |= libc::PROT_READ;
+    }
+    if q.flags & sys::PROCMAP_WRITABLE != 0 {
+        prot |= libc::PROT_WRITE;
+    }
+    if q.flags & sys::PROCMAP_EXECUTABLE != 0 {
+        prot |= libc::PROT_EXEC;
+    }
+    Ok(Some(Vma {
+        start,
+        end,
+        prot,
+        shared: q.flags & sys::PROCMAP_SHARED != 0,
+        page_size: usize::try_from(q.page_size).ok().filter(|p| p.is_power_of_two()).unwrap_or(sys::page_size()),
+        offset: q.offset,
+        file: FileId { dev: u64::from(q.dev_major) << 32 | u64::from(q.dev_minor), ino: q.inode },
+    }))
+}
+
+impl ProcessVmas {
+    /// The VMA covering `addr` as the kernel says now, not from this source's cache (on
+    /// kernels without PROCMAP_QUERY: from one read of /proc/self/maps per source).
+    pub(crate) fn vma_at_uncached(&mut self, addr: usize) -> io::Result<Option<Vma>> {
+        if QUERY_SUPPORT.load(Ordering::Relaxed) == QUERY_WORKS {
+            return query_one(addr);
         }
-        if q.flags & sys::PROCMAP_EXECUTABLE != 0 {
-            prot |= libc::PROT_EXEC;
-        }
-        let vma = Vma {
-            start,
-            end,
-            prot,
-            shared: q.flags & sys::PROCMAP_SHARED != 0,
-            page_size: usize::try_from(q.page_size).ok().filter(|p| p.is_power_of_two()).unwrap_or(sys::page_size()),
-        };
-        self.seen.insert(start, vma);
-        Ok(Some(vma))
+        self.vma_at(addr)
     }
 }
 
@@ -316,7 +365,14 @@ mod tests {
 
     #[test]
     fn format_round_trips() {
-        let v = Vma { start: 0x1000, end: 0x5000, prot: libc::PROT_READ, shared: true, page_size: 4096 };
+        let v = Vma {
+            start: 0x1000,
+            end: 0x5000,
+            prot: libc::PROT_READ,
+            shared: true,
+            page_size: 4096,
+            ..Default::default()
+        };
         assert_eq!(parse_maps_line(format_maps_line(&v).as_bytes(), 4096), Some(v));
     }
 
