@@ -276,7 +276,7 @@ impl World {
             );
             assert_eq!(shared, !matches!(kind, Kind::Guard | Kind::Private), "[{s:#x}, {e:#x}) {kind:?}");
             let page_size = if kind == Kind::Huge { HUGE } else { P };
-            vmas.push(Vma { start: s, end: e, prot, shared, page_size });
+            vmas.push(Vma { start: s, end: e, prot, shared, page_size, ..Default::default() });
             kinds.push(kind);
         }
         assert_eq!((vmas.first().unwrap().start, vmas.last().unwrap().end), (base, end), "the arena has holes");

@@ -12,14 +12,16 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use iovmap::maps::{format_maps_line, parse_maps, parse_maps_line};
-use iovmap::plan::Vma;
+use iovmap::plan::{FileId, Vma};
 
 /// proc(5): `address perms offset dev inode pathname`, fields separated by spaces;
-/// `address` is `start-end` in hex; `perms` is `[r-][w-][x-][sp]`. iovmap reads only the
-/// first two fields, and accepts at most 16 hex digits per address.
+/// `address` is `start-end` in hex; `perms` is `[r-][w-][x-][sp]`; `offset` is hex; `dev`
+/// is `major:minor` in hex; `inode` is decimal. iovmap reads the first five fields, and
+/// accepts at most 16 hex digits per number, device numbers up to 32 bits and inodes that
+/// fit in 64 bits.
 fn reference(line: &[u8], page_size: usize) -> Option<Vma> {
-    let fields: Vec<&[u8]> = line.split(|&b| b == b' ').filter(|f| !f.is_empty()).take(2).collect();
-    let [range, perms] = fields[..] else { return None };
+    let fields: Vec<&[u8]> = line.split(|&b| b == b' ').filter(|f| !f.is_empty()).take(5).collect();
+    let [range, perms, off, dev, ino] = fields[..] else { return None };
     let dash = range.iter().position(|&b| b == b'-')?;
     let hex = |s: &[u8]| -> Option<usize> {
         if s.is_empty() || s.len() > 16 || !s.iter().all(u8::is_ascii_hexdigit) {
@@ -40,7 +42,16 @@ fn reference(line: &[u8], page_size: usize) -> Option<Vma> {
         b'p' => false,
         _ => return None,
     };
-    (start < end).then_some(Vma { start, end, prot, shared, page_size })
+    let offset = hex(off)? as u64;
+    let colon = dev.iter().position(|&b| b == b':')?;
+    let (major, minor) = (hex(&dev[..colon])?, hex(&dev[colon + 1..])?);
+    let (major, minor) = (u32::try_from(major).ok()?, u32::try_from(minor).ok()?);
+    if ino.is_empty() || ino.len() > 20 || !ino.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let ino: u64 = std::str::from_utf8(ino).ok()?.parse().ok()?;
+    let file = FileId { dev: u64::from(major) << 32 | u64::from(minor), ino };
+    (start < end).then_some(Vma { start, end, prot, shared, page_size, offset, file })
 }
 
 /// The `maps` fuzz target. The whole input is the text (so hand-written maps lines are
@@ -60,8 +71,14 @@ pub fn maps(data: &[u8]) {
 
     // Format, parse back.
     let mut u = Unstructured::new(data);
-    let Ok((start, end, prot, shared)) = <(u64, u64, u8, bool)>::arbitrary(&mut u) else { return };
-    let v = Vma { start: start as usize, end: end as usize, prot: i32::from(prot % 8), shared, page_size };
+    let Ok(((start, end, prot, shared), (offset, major, minor, ino))) =
+        <((u64, u64, u8, bool), (u64, u32, u32, u64))>::arbitrary(&mut u)
+    else {
+        return;
+    };
+    let file = FileId { dev: u64::from(major) << 32 | u64::from(minor), ino };
+    let v =
+        Vma { start: start as usize, end: end as usize, prot: i32::from(prot % 8), shared, page_size, offset, file };
     let line = format_maps_line(&v);
     let back = parse_maps_line(line.as_bytes(), page_size);
     if v.start < v.end {
@@ -90,6 +107,8 @@ mod tests {
     fn the_reference_reads_real_lines() {
         let v = reference(b"7f00a000-7f00c000 rw-s 00000000 00:01 2052 /memfd:ram", 4096).unwrap();
         assert_eq!((v.start, v.end, v.prot, v.shared), (0x7f00a000, 0x7f00c000, 3, true));
+        assert_eq!((v.offset, v.file), (0, FileId { dev: 1, ino: 2052 }));
+        assert_eq!(reference(b"1000-2000 rw-s", 4096), None, "offset, device and inode are read");
         assert_eq!(reference(b"+1000-2000 rw-s", 4096), None, "from_str_radix's sign is not hex");
         let text = std::fs::read("/proc/self/maps").unwrap();
         for l in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {

@@ -5,26 +5,28 @@
 //! The rules it implements are the documented contract (docs/design.md, "How a view is
 //! built" and "Error model"), one numbered rule per check:
 //!
-//! 1. Zero-length segments are skipped; the running sum of lengths must fit in `usize`
-//!    (else `TooLarge`, as soon as it overflows).
+//! 1. Zero-length segments are skipped; the running sum of lengths must not exceed
+//!    `isize::MAX` (else `TooLarge`, at the segment that makes it too large).
 //! 2. A segment that wraps the address space is `NotMapped`.
 //! 3. Each segment is cut into *pieces* at every VMA boundary and every registered-region
 //!    boundary. At the first byte of each piece, in this order: a hole of a device
 //!    region is `DeviceHole`, an address with no VMA is `NotMapped`, a private VMA is
 //!    `NotShareable` (all naming the segment).
-//! 4. A piece joins the open run when the run *with* it can still be placed by one
-//!    clone (every piece in one VMA, each starting where the previous ended) or by one
-//!    fd mapping (every piece in a registered region of one file, each at the file
-//!    offset where the previous ended). Otherwise it starts a new run.
+//! 4. A piece joins the open run when it has the run's page size and the run *with* it
+//!    can still be placed by one clone (every piece in one VMA, each starting where the
+//!    previous ended) or by one fd mapping (every piece in a registered region of one
+//!    file, each at the file offset where the previous ended). Otherwise it starts a new
+//!    run.
 //! 5. A new run needs the previous run to end on a boundary of the previous run's page
-//!    size (else `Unaligned` naming the previous run's last segment), and its own first
+//!    size and to map a whole number of its pages (else `Unaligned` naming the previous
+//!    run's last segment), and its own first
 //!    byte and its place in the view on a boundary of its own page size (else
 //!    `Unaligned` naming its segment). A run's page size is that of its first piece:
 //!    the largest of the VMA's, the region's and the base page.
 //! 6. The first run is mapped from the page boundary below its first byte (`lead`),
-//!    which must lie in the same VMA and, if the byte is registered, the same region.
-//! 7. After the list: no bytes at all is `Empty`; more than `isize::MAX` bytes is
-//!    `TooLarge`; the last run is mapped to the end of its last page, which must lie in
+//!    which must lie in the same VMA and the same region, or gap between regions.
+//! 7. After the list: no bytes at all is `Empty`; the last run is mapped to a whole
+//!    number of its pages, the tail going on from its last piece, which must lie in
 //!    the VMA and the region (or gap) of its last piece (else `Unaligned` naming that
 //!    piece's segment); a reservation beyond `isize::MAX` is `TooLarge`.
 //!
@@ -179,7 +181,19 @@ impl Table<'_> {
             })
     }
 
+    /// Where the region or gap containing `addr` starts (rule 6).
+    pub fn window_start(&self, addr: usize) -> usize {
+        match self.region_at(addr).0 {
+            Some(r) => self.regions[r].start,
+            None => self.regions.iter().map(|r| r.end).filter(|&e| e <= addr).max().unwrap_or(0),
+        }
+    }
+
     fn joins(&self, run: &[Piece], p: Piece) -> bool {
+        // A run has one page size (rule 4).
+        if self.page_size(&p) != self.page_size(&run[0]) {
+            return false;
+        }
         let mut with = run.to_vec();
         with.push(p);
         self.by_clone(&with) || self.by_fd(&with)
@@ -188,35 +202,19 @@ impl Table<'_> {
 
 /// Plans `iovs` (as `(address, length)`) against `t` by the rules above.
 pub fn plan(t: &Table<'_>, iovs: &[(usize, usize)]) -> Result<ModelPlan, Refusal> {
-    plan_noting(t, iovs, &mut false)
-}
-
-/// Whether laying out `iovs` takes a run's place in the view past `usize::MAX` before
-/// the list is found too large: the planner's unchecked `prev.dst + prev.len` then
-/// panics where overflow checks are on (debug builds), reported as a library bug (see
-/// `planner_interior_offset_overflow` in tests/replay.rs). Such lists are `TooLarge` or
-/// refused later in the list; release builds return that.
-pub fn interior_offset_wraps(t: &Table<'_>, iovs: &[(usize, usize)]) -> bool {
-    let mut wraps = false;
-    let _ = plan_noting(t, iovs, &mut wraps);
-    wraps
-}
-
-fn plan_noting(t: &Table<'_>, iovs: &[(usize, usize)], wraps: &mut bool) -> Result<ModelPlan, Refusal> {
     let mut segments = 0;
     let mut total = 0usize;
     let mut runs: Vec<Vec<Piece>> = Vec::new();
     let mut lead = 0;
-    // Bytes of the view laid out so far (the lead and every piece placed). It can only
-    // wrap when the list is TooLarge anyway (rule 7); page sizes divide 2^64, so the
-    // alignment of a wrapped offset is that of the true one.
+    // Bytes of the view laid out so far (the lead and every piece placed): at most a page
+    // more than `total`, which rule 1 keeps below isize::MAX, so it cannot wrap.
     let mut laid = 0usize;
     for (i, &(addr, len)) in iovs.iter().enumerate() {
         if len == 0 {
             continue; // rule 1
         }
         segments += 1;
-        total = total.checked_add(len).ok_or(Refusal::TooLarge)?; // rule 1
+        total = total.checked_add(len).filter(|&t| t <= isize::MAX as usize).ok_or(Refusal::TooLarge)?; // rule 1
         let end = addr.checked_add(len).ok_or(Refusal::NotMapped(i))?; // rule 2
         let mut at = addr;
         while at < end {
@@ -236,7 +234,7 @@ fn plan_noting(t: &Table<'_>, iovs: &[(usize, usize)], wraps: &mut bool) -> Resu
             if let Some(run) = runs.last_mut() {
                 if t.joins(run, piece) {
                     run.push(piece);
-                    laid = laid.wrapping_add(piece.end - piece.start);
+                    laid += piece.end - piece.start;
                     continue;
                 }
             }
@@ -245,10 +243,13 @@ fn plan_noting(t: &Table<'_>, iovs: &[(usize, usize)], wraps: &mut bool) -> Resu
                 // Rule 5.
                 Some(prev) => {
                     let prev_end = prev.last().expect("runs are never empty");
-                    if prev_end.end % t.page_size(&prev[0]) != 0 {
+                    let prev_ps = t.page_size(&prev[0]);
+                    // The bytes it maps (its lead too if it is the first run).
+                    let prev_len =
+                        prev.iter().map(|p| p.end - p.start).sum::<usize>() + if runs.len() == 1 { lead } else { 0 };
+                    if prev_end.end % prev_ps != 0 || prev_len % prev_ps != 0 {
                         return Err(Refusal::Unaligned(prev_end.seg));
                     }
-                    *wraps |= laid < lead; // the place of the new run wrapped
                     if piece.start % ps != 0 || laid % ps != 0 {
                         return Err(Refusal::Unaligned(i));
                     }
@@ -256,7 +257,7 @@ fn plan_noting(t: &Table<'_>, iovs: &[(usize, usize)], wraps: &mut bool) -> Resu
                 // Rule 6.
                 None => {
                     let src = piece.start - piece.start % ps;
-                    if src < t.vmas[vma].start || region.is_some_and(|r| src < t.regions[r].start) {
+                    if src < t.vmas[vma].start || src < t.window_start(piece.start) {
                         return Err(Refusal::Unaligned(i));
                     }
                     lead = piece.start - src;
@@ -264,19 +265,20 @@ fn plan_noting(t: &Table<'_>, iovs: &[(usize, usize)], wraps: &mut bool) -> Resu
                 }
             }
             runs.push(vec![piece]);
-            laid = laid.wrapping_add(piece.end - piece.start);
+            laid += piece.end - piece.start;
         }
     }
     // Rule 7.
     if total == 0 {
         return Err(Refusal::Empty);
     }
-    if total > isize::MAX as usize {
-        return Err(Refusal::TooLarge);
-    }
     let last = *runs.last().and_then(|r| r.last()).expect("bytes were planned");
-    let last_ps = t.page_size(&runs.last().expect("bytes were planned")[0]);
-    let tail_end = last.end.checked_next_multiple_of(last_ps).ok_or(Refusal::TooLarge)?;
+    let last_run = runs.last().expect("bytes were planned");
+    let last_ps = t.page_size(&last_run[0]);
+    let last_len = last_run.iter().map(|p| p.end - p.start).sum::<usize>() + if runs.len() == 1 { lead } else { 0 };
+    // Mapped to a whole number of pages: the tail goes on from the last piece.
+    let tail = last_len.checked_next_multiple_of(last_ps).ok_or(Refusal::TooLarge)? - last_len;
+    let tail_end = last.end.checked_add(tail).ok_or(Refusal::TooLarge)?;
     if tail_end > last.window {
         return Err(Refusal::Unaligned(last.seg));
     }

@@ -5,8 +5,10 @@
 //! the call, or the registered file at the registered offset; and once everything is
 //! dropped, nothing is left behind.
 //!
-//! The head-replacement races, which break that today, are reproduced by
-//! `known_bugs.rs` (ignored until fixed).
+//! The head-replacement races (a shorter mapping over the start of a run's source, which
+//! a clone of the whole run would run past) are the hard ones: iovmap checks the file and
+//! offset each multi-page clone actually maps, and refuses the view (`SourceChanged`)
+//! when it is not the source it planned.
 //!
 //! Runs without the libtest harness, like leaks.rs: it counts the process's VMAs and fds
 //! at the end. IOVMAP_RACE_SECS sets the time per race (default 1 s; a race stops early

@@ -535,3 +535,33 @@ fn read_only_fd_refuses_a_writable_fd_run() {
     assert_eq!(view.stats().fd_mapped, 1);
     assert_view_matches(&view, &list);
 }
+
+/// Two registered regions of different anon-inode files (BPF maps here; perf events,
+/// io_uring, and vfio device fds of the group interface are the same) share one
+/// `(st_dev, st_ino)`. A list that runs from page 0 of one array to page 1 of the other
+/// (contiguous "file offsets") once became one fd run of the first array (found by the
+/// fuzzing work); each registration of such a file now has a file identity of its own.
+#[test]
+fn two_anon_inode_files_are_not_one_file() {
+    let (a, b) = match (kit::BpfArray::new(4), kit::BpfArray::new(4)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => skip!("no BPF arrays: {e}"),
+    };
+    let p = kit::page();
+    // SAFETY: the arrays' own writable mappings.
+    unsafe {
+        kit::fill(a.map.ptr(), a.map.len(), 81, 0);
+        kit::fill(b.map.ptr(), b.map.len(), 82, 0);
+    }
+    let mut r = Remapper::new();
+    r.register(a.map.ptr(), a.map.len(), a.fd(), 0).unwrap();
+    r.register(b.map.ptr(), b.map.len(), b.fd(), 0).unwrap();
+    let list = [a.map.iov(0, p), b.map.iov(p, p)];
+    let view = r.map(&list).unwrap();
+    println!("{:?}", view.stats());
+    // SAFETY: the arrays are live and nothing writes them meanwhile.
+    let want = unsafe { iovmap_peers::gather(&list) };
+    // SAFETY: the view is live for len() bytes.
+    let diff = unsafe { kit::first_difference(view.as_ptr(), want.as_ptr(), want.len()) };
+    assert_eq!(diff, None, "the view shows another array's page ({:?})", view.stats());
+}

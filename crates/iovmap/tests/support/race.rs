@@ -60,13 +60,15 @@ pub enum Change {
 
 impl Change {
     /// Every change whose outcome the guarantee covers today.
-    pub const GUARANTEED: [Change; 6] = [
+    pub const GUARANTEED: [Change; 8] = [
         Change::Unmap,
         Change::UnmapTail,
         Change::ReplaceWhole,
         Change::ReplaceTail,
         Change::ReplacePrivate,
         Change::Protect,
+        Change::ReplaceHead,
+        Change::ReplaceHeadAnon,
     ];
 }
 
