@@ -36,7 +36,7 @@ use crate::regions::{CloneState, Region, Regions};
 use crate::reservation::Reservation;
 use crate::sys;
 use crate::view::{MapStats, View};
-use crate::vma::ProcessVmas;
+use crate::vma;
 
 /// Builds the view `plan` describes.
 pub(crate) fn build(plan: &Plan, regions: &Regions, opts: &MapOptions) -> Result<View, Error> {
@@ -124,17 +124,16 @@ impl Placer<'_> {
     /// bytes; one replaced by another mapping covering the whole run shows that mapping,
     /// which was mapped there during the call.)
     fn check_clones(&self, plan: &Plan, base: usize) -> Result<(), Error> {
-        let mut now = ProcessVmas::new();
-        for &i in &self.to_check {
-            let run = &plan.runs[i];
+        if self.to_check.is_empty() {
+            return Ok(());
+        }
+        let dsts: Vec<usize> = self.to_check.iter().map(|&i| base + plan.runs[i].dst()).collect();
+        let index = Some(plan.runs[self.to_check[0]].first());
+        let seen = vma::vmas_now(&dsts).map_err(|source| Error::Os { op: "VMA lookup", index, source })?;
+        for (k, (&dst, seen)) in dsts.iter().zip(seen).enumerate() {
+            let run = &plan.runs[self.to_check[k]];
             let planned = plan.vmas[run.vma()];
             let want = planned.offset + (run.src() - planned.start) as u64;
-            let dst = base + run.dst();
-            let seen = now.vma_at_uncached(dst).map_err(|source| Error::Os {
-                op: "VMA lookup",
-                index: Some(run.first()),
-                source,
-            })?;
             let same = seen.is_some_and(|v| v.file == planned.file && v.offset + (dst - v.start) as u64 == want);
             if !same {
                 log::debug!("iovmap: the clone of {:#x}+{:#x} maps {seen:?}, not {planned:?}", run.src(), run.len());

@@ -214,14 +214,40 @@ static QUERY_SUPPORT: AtomicU8 = AtomicU8::new(QUERY_UNKNOWN);
 /// changes. Queries are serialised (they are rare: one per VMA per map call).
 static MAPS_FD: Mutex<Option<(libc::pid_t, OwnedFd)>> = Mutex::new(None);
 
-fn query_kernel(addr: usize) -> io::Result<Option<sys::QueriedVma>> {
+/// Runs `f` with this process's open /proc/self/maps (opened, or reopened after a fork,
+/// as needed), holding the lock for all of `f`.
+fn with_maps_fd<T>(f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<T>) -> io::Result<T> {
     let mut guard = MAPS_FD.lock().unwrap_or_else(|e| e.into_inner());
     let pid = sys::getpid();
     if guard.as_ref().is_none_or(|(owner, _)| *owner != pid) {
         *guard = Some((pid, sys::open_read(c"/proc/self/maps")?));
     }
     let (_, fd) = guard.as_ref().expect("opened above");
-    sys::procmap_query(fd.as_fd(), addr)
+    f(fd.as_fd())
+}
+
+fn query_kernel(addr: usize) -> io::Result<Option<sys::QueriedVma>> {
+    with_maps_fd(|fd| sys::procmap_query(fd, addr))
+}
+
+/// The VMAs covering each of `addrs`, as the kernel says now (nothing cached): one
+/// PROCMAP_QUERY each, the lock taken once per 256 (other threads' lookups wait at most
+/// that long), or, on kernels without PROCMAP_QUERY, one read of /proc/self/maps for all.
+pub(crate) fn vmas_now(addrs: &[usize]) -> io::Result<Vec<Option<Vma>>> {
+    if QUERY_SUPPORT.load(Ordering::Relaxed) == QUERY_WORKS {
+        let mut out = Vec::with_capacity(addrs.len());
+        for chunk in addrs.chunks(256) {
+            with_maps_fd(|fd| {
+                for &a in chunk {
+                    out.push(sys::procmap_query(fd, a)?.and_then(to_vma));
+                }
+                Ok(())
+            })?;
+        }
+        return Ok(out);
+    }
+    let mut table = ProcessVmas::new();
+    addrs.iter().map(|&a| table.vma_at(a)).collect()
 }
 
 /// The VMAs of the calling process, looked up as the planner asks and cached for the
@@ -264,9 +290,13 @@ impl ProcessVmas {
 
 /// One PROCMAP_QUERY, converted.
 fn query_one(addr: usize) -> io::Result<Option<Vma>> {
-    let Some(q) = query_kernel(addr)? else { return Ok(None) };
+    Ok(query_kernel(addr)?.and_then(to_vma))
+}
+
+/// A PROCMAP_QUERY reply as a [`Vma`] (`None` for a range this platform cannot hold).
+fn to_vma(q: sys::QueriedVma) -> Option<Vma> {
     let (Ok(start), Ok(end)) = (usize::try_from(q.start), usize::try_from(q.end)) else {
-        return Ok(None);
+        return None;
     };
     let mut prot = 0;
     if q.flags & sys::PROCMAP_READABLE != 0 {
@@ -278,7 +308,7 @@ fn query_one(addr: usize) -> io::Result<Option<Vma>> {
     if q.flags & sys::PROCMAP_EXECUTABLE != 0 {
         prot |= libc::PROT_EXEC;
     }
-    Ok(Some(Vma {
+    Some(Vma {
         start,
         end,
         prot,
@@ -286,18 +316,7 @@ fn query_one(addr: usize) -> io::Result<Option<Vma>> {
         page_size: usize::try_from(q.page_size).ok().filter(|p| p.is_power_of_two()).unwrap_or(sys::page_size()),
         offset: q.offset,
         file: FileId { dev: u64::from(q.dev_major) << 32 | u64::from(q.dev_minor), ino: q.inode },
-    }))
-}
-
-impl ProcessVmas {
-    /// The VMA covering `addr` as the kernel says now, not from this source's cache (on
-    /// kernels without PROCMAP_QUERY: from one read of /proc/self/maps per source).
-    pub(crate) fn vma_at_uncached(&mut self, addr: usize) -> io::Result<Option<Vma>> {
-        if QUERY_SUPPORT.load(Ordering::Relaxed) == QUERY_WORKS {
-            return query_one(addr);
-        }
-        self.vma_at(addr)
-    }
+    })
 }
 
 impl VmaSource for ProcessVmas {
