@@ -142,18 +142,6 @@ fn length(w: &World, at: usize, len: &Len) -> usize {
     }
 }
 
-/// The errno at the bottom of an error.
-fn errno_of(e: &Error) -> Option<i32> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io.raw_os_error();
-        }
-        cur = err.source();
-    }
-    None
-}
-
 /// What the model predicts for a list.
 #[derive(Debug)]
 enum Prediction {
@@ -297,7 +285,7 @@ pub fn check(data: &[u8]) -> &'static str {
         drop(faults);
         outcome = match (&want, got) {
             (_, Err(e)) if fired => {
-                assert_eq!(errno_of(&e), Some(libc::EIO), "an injected failure came back as {e:?}");
+                assert_eq!(kit::errno_of(&e), Some(libc::EIO), "an injected failure came back as {e:?}");
                 "injected failure"
             }
             (_, Ok(v)) if fired => panic!("an injected failure was swallowed: {:?}", v.stats()),

@@ -78,3 +78,38 @@ pub fn has_procmap_query() -> bool {
     let r = unsafe { libc::ioctl(maps.as_raw_fd(), 0xC068_6611, q.as_mut_ptr()) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOTTY)
 }
+
+/// The `main` of a test binary that counts process-wide VMAs or fds (`harness = false`):
+/// the libtest harness starts a thread per test, and a new thread's stack is a VMA that
+/// lands in another test's count, so here every check runs in turn on the main thread.
+///
+/// glibc is pinned to one malloc arena first (contending threads make it add arenas,
+/// two VMAs each, at any time on a loaded machine), then `warm_up` lets the process reach
+/// its steady state (cached thread stacks, iovmap's PROCMAP_QUERY fd and kernel probe).
+/// Arguments that do not start with `-` select the checks whose names contain them.
+/// Prints `test <name> ... ok|FAILED` and a summary, and exits 1 if any check panicked.
+pub fn run_counting_checks(binary: &str, checks: &[(&str, fn())], warm_up: impl FnOnce()) {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    // SAFETY: called from main before any other thread of the process starts.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    warm_up();
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    for (name, check) in checks {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        ran += 1;
+        let ok = catch_unwind(AssertUnwindSafe(check)).is_ok();
+        println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
+        if !ok {
+            failed.push(*name);
+        }
+    }
+    println!("\n{binary}: {ran} checks, {} failed", failed.len());
+    if !failed.is_empty() {
+        println!("failed: {failed:?}");
+        std::process::exit(1);
+    }
+}

@@ -18,7 +18,7 @@ mod counts;
 mod kernel_objects;
 pub mod workloads;
 
-pub use counts::{Counts, count_fds, count_vmas, has_procmap_query, process_lock, vma_flags};
+pub use counts::{Counts, count_fds, count_vmas, has_procmap_query, process_lock, run_counting_checks, vma_flags};
 pub use kernel_objects::{BpfArray, IoUringSq, PerfRing};
 
 /// The base page size.
@@ -56,6 +56,18 @@ macro_rules! skip {
 /// kernel gives it to the next mapping of that size, possibly another test's.)
 pub fn unmapped_address() -> *const u8 {
     page() as *const u8
+}
+
+/// The errno at the bottom of an error's chain of sources, if there is one.
+pub fn errno_of(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return io.raw_os_error();
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// An iovec of `len` bytes at `ptr`.

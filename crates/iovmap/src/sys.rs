@@ -173,6 +173,27 @@ pub(crate) fn clone_anywhere(src: usize, len: usize) -> io::Result<usize> {
     check_ptr(unsafe { libc::mremap(src as *mut libc::c_void, 0, len, libc::MREMAP_MAYMOVE) })
 }
 
+/// `mmap(dst, len, prot, MAP_SHARED | placement, fd, offset)`, with the fault hook.
+///
+/// # Safety
+/// With `placement` MAP_FIXED, `[dst, dst + len)` must belong to the caller; with
+/// MAP_FIXED_NOREPLACE nothing existing can be replaced.
+unsafe fn map_fd_at(
+    dst: usize,
+    len: usize,
+    prot: libc::c_int,
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    placement: libc::c_int,
+) -> io::Result<usize> {
+    inject(Syscall::FdMap)?;
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: forwarded to the caller's contract; `fd` is a live descriptor.
+    check_ptr(unsafe {
+        libc::mmap(dst as *mut libc::c_void, len, prot, libc::MAP_SHARED | placement, fd.as_raw_fd(), offset)
+    })
+}
+
 /// Maps `len` bytes of `fd` from `offset` at exactly `dst`, MAP_SHARED.
 ///
 /// # Safety
@@ -185,13 +206,8 @@ pub(crate) unsafe fn map_fd_fixed(
     fd: BorrowedFd<'_>,
     offset: u64,
 ) -> io::Result<()> {
-    inject(Syscall::FdMap)?;
-    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-    // SAFETY: `dst` is owned by the caller (contract above); `fd` is a live descriptor.
-    let ret = unsafe {
-        libc::mmap(dst as *mut libc::c_void, len, prot, libc::MAP_SHARED | libc::MAP_FIXED, fd.as_raw_fd(), offset)
-    };
-    check_ptr(ret).map(drop)
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { map_fd_at(dst, len, prot, fd, offset, libc::MAP_FIXED) }.map(drop)
 }
 
 /// Maps `len` bytes of `fd` from `offset` at exactly `dst`, MAP_SHARED, only if nothing
@@ -204,21 +220,8 @@ pub(crate) fn map_fd_noreplace(
     fd: BorrowedFd<'_>,
     offset: u64,
 ) -> io::Result<()> {
-    inject(Syscall::FdMap)?;
-    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no memory anyone
-    // relies on can change; `fd` is a live descriptor.
-    let ret = unsafe {
-        libc::mmap(
-            dst as *mut libc::c_void,
-            len,
-            prot,
-            libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
-            fd.as_raw_fd(),
-            offset,
-        )
-    };
-    match check_ptr(ret) {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    match unsafe { map_fd_at(dst, len, prot, fd, offset, libc::MAP_FIXED_NOREPLACE) } {
         // Kernels before 4.17 ignore the flag and may return another address.
         Ok(at) if at != dst => {
             // SAFETY: the mapping just made at `at` is ours and nothing refers to it.

@@ -17,8 +17,6 @@
 //! `cargo test -p iovmap --test hardening -- <filter>` runs the checks whose name
 //! contains `<filter>`.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
-
 use iovmap::fault::{Faults, Syscall};
 use iovmap::{Access, Error, MapOptions, Remapper, View};
 use iovmap_testkit::{self as kit, BpfArray, Counts, GuestRam, Mapping, PerfRing};
@@ -36,29 +34,7 @@ fn main() {
         ("vma_cap_pressure_at_several_distances", vma_cap_pressure_at_several_distances),
         ("views_outlive_every_kind_of_source", views_outlive_every_kind_of_source),
     ];
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    // SAFETY: mallopt is called before any thread of this process starts; one arena keeps
-    // the process's VMAs ours (see leaks.rs).
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-    warm_up();
-    let mut failed = Vec::new();
-    let mut ran = 0;
-    for (name, check) in checks {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        ran += 1;
-        let ok = catch_unwind(AssertUnwindSafe(check)).is_ok();
-        println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
-        if !ok {
-            failed.push(*name);
-        }
-    }
-    println!("\nhardening: {ran} checks, {} failed", failed.len());
-    if !failed.is_empty() {
-        println!("failed: {failed:?}");
-        std::process::exit(1);
-    }
+    kit::run_counting_checks("hardening", checks, warm_up);
 }
 
 /// The process's steady state: the PROCMAP_QUERY fd, the hole probe, malloc's arena.
@@ -68,18 +44,6 @@ fn warm_up() {
     r.register(ram.ptr(), ram.len(), ram.fd(), 0).unwrap();
     drop(r.map(&[ram.iov(0, page()), ram.iov(4 * page(), page())]).unwrap());
     let _ = Counts::now();
-}
-
-/// The errno at the bottom of an error.
-fn errno_of(e: &Error) -> Option<i32> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io.raw_os_error();
-        }
-        cur = err.source();
-    }
-    None
 }
 
 fn regions(r: &Remapper) -> Vec<(usize, usize, u64)> {
@@ -123,7 +87,7 @@ fn sweep(
             assert!(faults.fired(), "{what}: {sc:?} #{k} was not reached");
             drop(faults);
             let e = r.err().unwrap_or_else(|| panic!("{what}: a failure at {sc:?} #{k} was swallowed"));
-            assert_eq!(errno_of(&e), Some(libc::EIO), "{what}: {sc:?} #{k}: {e:?}");
+            assert_eq!(kit::errno_of(&e), Some(libc::EIO), "{what}: {sc:?} #{k}: {e:?}");
             before.assert_unchanged(&format!("{what}: failure at {sc:?} #{k}"));
             assert_eq!(table(), registered, "{what}: the registered table changed");
             injected += 1;

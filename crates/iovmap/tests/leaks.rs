@@ -11,7 +11,6 @@
 //! `cargo test --test leaks -- <filter>` runs the checks whose name contains `<filter>`.
 
 use std::os::fd::AsFd;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use iovmap::fault::{Faults, Syscall};
 use iovmap::vfio::{VFIO_REGION_INFO_FLAG_MMAP, VfioRegionInfo};
@@ -36,30 +35,7 @@ fn main() {
         ("hole_kernels_never_clobber_or_unmap_a_foreign_mapping", hole_kernels_never_clobber),
         ("hole_kernels_roll_back_a_refusal_at_every_clone", hole_kernels_refusal_sweep),
     ];
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    // glibc creates a malloc arena (two VMAs) whenever threads contend for one, which on
-    // a loaded machine happens at any time: one arena keeps the process's VMAs ours.
-    // SAFETY: mallopt is called before any thread of this process starts.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-    warm_up();
-    let mut failed = Vec::new();
-    let mut ran = 0;
-    for (name, check) in checks {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        ran += 1;
-        let ok = catch_unwind(AssertUnwindSafe(check)).is_ok();
-        println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
-        if !ok {
-            failed.push(*name);
-        }
-    }
-    println!("\nleaks: {ran} checks, {} failed", failed.len());
-    if !failed.is_empty() {
-        println!("failed: {failed:?}");
-        std::process::exit(1);
-    }
+    kit::run_counting_checks("leaks", checks, warm_up);
 }
 
 /// Lets the process reach its steady state: the PROCMAP_QUERY fd, malloc arenas and
@@ -70,18 +46,6 @@ fn warm_up() {
     r.register(ram.ptr(), ram.len(), ram.fd(), 0).unwrap();
     drop(r.map(&[ram.iov(0, page()), ram.iov(4 * page(), page())]).unwrap());
     threads_workload(&r, &ram, None, 4, 20);
-}
-
-/// The errno at the bottom of an error, if any.
-fn errno_of(e: &Error) -> Option<i32> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io.raw_os_error();
-        }
-        cur = err.source();
-    }
-    None
 }
 
 fn regions(r: &Remapper) -> Vec<(usize, usize, u64)> {
@@ -276,7 +240,7 @@ fn injected_failures_roll_back_at_every_syscall() {
                 assert!(faults.fired(), "{}: {sc:?} #{k} was not reached", s.name);
                 drop(faults);
                 let e = r.expect_err(s.name);
-                assert_eq!(errno_of(&e), Some(libc::EIO), "{}: {sc:?} #{k}: {e:?}", s.name);
+                assert_eq!(kit::errno_of(&e), Some(libc::EIO), "{}: {sc:?} #{k}: {e:?}", s.name);
                 before.assert_unchanged(&format!("{}: failure at {sc:?} #{k}", s.name));
                 assert_eq!(regions(s.remapper), table);
                 injected += 1;
@@ -383,7 +347,7 @@ fn vmas_are_counted_up_front_only_near_the_cap() {
     let faults = Faults::new().fail(Syscall::VmaCount, 0, libc::EIO);
     let e = iovmap::map(&near).unwrap_err();
     assert!(faults.fired());
-    assert_eq!(errno_of(&e), Some(libc::EIO), "{e:?}");
+    assert_eq!(kit::errno_of(&e), Some(libc::EIO), "{e:?}");
     assert_eq!(faults.calls(Syscall::Reserve), 0, "nothing was reserved");
     drop(faults);
     before.assert_unchanged("failed count");
@@ -481,7 +445,7 @@ fn hole_kernels_learn_refusals() {
     // Unregistered: the probe refuses, and nothing is cloned into the reservation.
     let e = iovmap::map(&[ring.map.iov(0, ring.map.len())]).unwrap_err();
     assert!(matches!(e, Error::NoFallback { index: 0, .. }), "{e:?}");
-    assert_eq!(errno_of(&e), Some(libc::EFAULT), "the probe's refusal is the error's source");
+    assert_eq!(kit::errno_of(&e), Some(libc::EFAULT), "the probe's refusal is the error's source");
     assert_eq!(faults.calls(Syscall::Clone), 2);
     assert_eq!(faults.calls(Syscall::CloneProbe), 3);
 }
