@@ -133,7 +133,7 @@ fn run(bdf: &str, verify_bar: bool, per_bar: usize) -> Result<(), String> {
     }
     let p = page();
     let n_bar: usize = bars.iter().map(|b| b.pages.len()).sum();
-    let ram = SharedRam::new("vfio-passthrough-ram", (n_bar + 1) * 2 * p).map_err(|e| format!("memfd RAM: {e}"))?;
+    let ram = SharedRam::new((n_bar + 1) * 2 * p).map_err(|e| format!("memfd RAM: {e}"))?;
     // SAFETY: our own RAM mapping, writable.
     unsafe { pattern::fill(ram.ptr(), ram.len(), RAM_SEED, 0) };
     // BAR page, RAM page, BAR page, ...: RAM pages taken every other page, in reverse.

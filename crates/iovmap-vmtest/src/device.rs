@@ -200,33 +200,23 @@ impl Device {
         let len =
             usize::try_from(r.size).map_err(|_| "region too large".to_owned())?.next_multiple_of(crate::mem::page());
         let prot = libc::PROT_READ | if r.flags & VFIO_REGION_INFO_FLAG_WRITE != 0 { libc::PROT_WRITE } else { 0 };
-        let fd = self.device.as_raw_fd();
+        // SAFETY: the device fd is owned by `self.device`, which outlives this call (each
+        // mapping made here holds its own reference to the file).
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.device.as_raw_fd()) };
         let Some(areas) = &r.sparse else {
-            // SAFETY: NULL hint without MAP_FIXED: the kernel picks free space.
-            let p =
-                unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, r.offset as libc::off_t) };
-            if p == libc::MAP_FAILED {
-                return Err(format!("mmap of {r}: {}", std::io::Error::last_os_error()));
-            }
-            return Ok(BarMapping { ptr: p.cast(), len });
+            return BarMapping::new(len, prot, libc::MAP_SHARED, Some(fd), r.offset)
+                .map_err(|e| format!("mmap of {r}: {e}"));
         };
-        // SAFETY: NULL hint without MAP_FIXED: a fresh reservation, replacing nothing.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(format!("reserving {len:#x} bytes for {r}: {}", std::io::Error::last_os_error()));
-        }
-        let mapping = BarMapping { ptr: base.cast(), len };
+        let mapping = BarMapping::new(
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            None,
+            0,
+        )
+        .map_err(|e| format!("reserving {len:#x} bytes for {r}: {e}"))?;
         for &(off, size) in areas {
-            let at = mapping.ptr.wrapping_add(off as usize);
+            let at = mapping.ptr().wrapping_add(off as usize);
             // SAFETY: `[at, at + size)` lies inside the reservation just made (the kernel
             // keeps areas inside the region), which this function owns.
             let p = unsafe {
@@ -235,7 +225,7 @@ impl Device {
                     size as usize,
                     prot,
                     libc::MAP_SHARED | libc::MAP_FIXED,
-                    fd,
+                    fd.as_raw_fd(),
                     (r.offset + off) as libc::off_t,
                 )
             };
@@ -247,42 +237,8 @@ impl Device {
     }
 }
 
-/// A region mmapped from a device fd; unmapped on drop.
-#[derive(Debug)]
-pub struct BarMapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned by this value, which only hands out raw pointers; munmap
-// in drop is thread-safe.
-unsafe impl Send for BarMapping {}
-// SAFETY: as above; `&BarMapping` only reads plain fields.
-unsafe impl Sync for BarMapping {}
-
-impl BarMapping {
-    /// The first byte of the region's mapping.
-    pub fn ptr(&self) -> *mut u8 {
-        self.ptr
-    }
-
-    /// The mapped length (the region's size rounded up to a page).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl Drop for BarMapping {
-    fn drop(&mut self) {
-        // SAFETY: the range mapped by `map_region`, owned by this value alone.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
+/// A region mmapped from a device fd (the testkit's mapping: unmapped on drop).
+pub type BarMapping = iovmap_testkit::Mapping;
 
 #[cfg(test)]
 mod tests {

@@ -160,27 +160,9 @@ pub fn initial_seed(src: Src, off: usize) -> Option<u64> {
     }
 }
 
-/// A small deterministic generator (splitmix64), so every run builds the same lists.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from `seed`.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        pattern::mix(self.0)
-    }
-
-    /// A number in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
+/// A small deterministic generator (splitmix64, the testkit's), so every run builds the
+/// same lists.
+pub use iovmap_testkit::workloads::Rng;
 
 /// A fragmented blob: `n` single pages alternating between random BAR pages of the
 /// functional part and random RAM pages of the functional part.

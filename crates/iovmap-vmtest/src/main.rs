@@ -213,7 +213,7 @@ impl Guest {
             "bar2-mmap",
             format_args!("{:#x} bytes at {:p} from the device fd at offset {:#x}", bar.len(), bar.ptr(), r2.offset),
         );
-        let ram = match SharedRam::new("guest-ram", layout::RAM_SIZE) {
+        let ram = match SharedRam::new(layout::RAM_SIZE) {
             Ok(r) => r,
             Err(e) => {
                 c.fail("ram", format_args!("memfd RAM: {e}"));

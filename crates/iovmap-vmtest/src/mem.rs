@@ -4,91 +4,14 @@
 //! an error, not a SIGSEGV).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 
-/// The base page size.
-pub fn page() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
-}
+pub use iovmap_testkit::page;
 
 /// Guest RAM as a VMM sets it up: a memfd mapped MAP_SHARED read-write (what the kernel
-/// clones). Unmapped and closed on drop.
-#[derive(Debug)]
-pub struct SharedRam {
-    fd: OwnedFd,
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory owned by this value; it hands out only raw
-// pointers, and munmap in drop is thread-safe.
-unsafe impl Send for SharedRam {}
-// SAFETY: as above; `&SharedRam` only reads plain fields.
-unsafe impl Sync for SharedRam {}
-
-impl SharedRam {
-    /// A memfd of `len` bytes, mapped shared.
-    ///
-    /// ```
-    /// let ram = iovmap_vmtest::mem::SharedRam::new("doc", 8192).unwrap();
-    /// assert_eq!(ram.len(), 8192);
-    /// ```
-    pub fn new(name: &str, len: usize) -> io::Result<Self> {
-        let name = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: `name` is a valid C string; the result is checked.
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        std::fs::File::from(fd.try_clone()?).set_len(len as u64)?;
-        // SAFETY: NULL hint without MAP_FIXED: the kernel picks free space, nothing is replaced.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(SharedRam { fd, ptr: ptr.cast(), len })
-    }
-
-    /// The first byte of the mapping.
-    pub fn ptr(&self) -> *mut u8 {
-        self.ptr
-    }
-
-    /// The length of the mapping.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false: a mapping has at least one page.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The memfd.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-}
-
-impl Drop for SharedRam {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, owned by this value alone.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
+/// clones); the testkit's.
+pub use iovmap_testkit::GuestRam as SharedRam;
 
 /// Reads `buf.len()` bytes at `addr` of this process without touching them directly: an
 /// unmapped address, or one mapped by a device (VM_IO/VM_PFNMAP, which cannot be pinned),
@@ -299,7 +222,7 @@ mod tests {
 
     #[test]
     fn a_write_to_a_read_only_page_faults_and_a_writable_one_does_not() {
-        let ram = SharedRam::new("mem-fault", 2 * page()).unwrap();
+        let ram = SharedRam::new(2 * page()).unwrap();
         // SAFETY: our own mapping; the second page becomes read-only.
         unsafe {
             ram.ptr().add(page() + 5).write(9);
@@ -314,9 +237,9 @@ mod tests {
 
     #[test]
     fn maps_and_smaps_describe_a_shared_ram_mapping() {
-        let ram = SharedRam::new("mem-test", 3 * page()).unwrap();
+        let ram = SharedRam::new(3 * page()).unwrap();
         let line = maps_line(ram.ptr() as usize + 100).unwrap();
-        assert!(line.contains("rw-s") && line.contains("memfd:mem-test"), "{line}");
+        assert!(line.contains("rw-s") && line.contains("memfd:iovmap-guest-ram"), "{line}");
         let flags = vm_flags(ram.ptr() as usize).unwrap();
         assert!(flags.split(' ').any(|f| f == "sh"), "{flags}");
         assert!(vma_count().unwrap() > 1 && fd_count().unwrap() > 1);

@@ -541,7 +541,7 @@ mod tests {
 
     #[test]
     fn a_clean_run_reports_nothing_damaged() {
-        let ram = SharedRam::new("stress-test", 64 * page()).unwrap();
+        let ram = SharedRam::new(64 * page()).unwrap();
         // SAFETY: the RAM mapping is ours and writable.
         unsafe { pattern::fill(ram.ptr(), ram.len(), 77, 0) };
         let r = run(&short(), ram_views(&ram));
@@ -551,7 +551,7 @@ mod tests {
 
     #[test]
     fn planted_damage_is_reported() {
-        let ram = SharedRam::new("stress-plant", 64 * page()).unwrap();
+        let ram = SharedRam::new(64 * page()).unwrap();
         // SAFETY: as above.
         unsafe { pattern::fill(ram.ptr(), ram.len(), 77, 0) };
         let r = run(&Config { plant_every: Some(5), ..short() }, ram_views(&ram));
