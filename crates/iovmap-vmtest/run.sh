@@ -28,7 +28,8 @@
 # VMTEST_APT_TIMEOUT (s, 900), VMTEST_STRESS_SECS (per stress scenario, 3), VMTEST_THREADS
 # (stress loop threads, 4), VMTEST_SMP (guest vCPUs, 4), VMTEST_KVER (guest kernel version,
 # default: newest in /boot with vfio-pci), VMTEST_BOOT=pvh|bzimage (default pvh),
-# VMTEST_KEEP=1 (keep the backing files and the serial log), VMTEST_SUITE=0 (skip step 5).
+# VMTEST_KEEP=1 (keep the backing files and the serial log), VMTEST_SUITE=0 (skip step 5),
+# VMTEST_SUITE_ONLY="races leaks" (run only these of iovmap's test binaries in step 5).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -44,6 +45,7 @@ THREADS=${VMTEST_THREADS:-4}
 SMP=${VMTEST_SMP:-4}
 BOOT=${VMTEST_BOOT:-pvh}
 SUITE=${VMTEST_SUITE:-1}
+SUITE_ONLY=${VMTEST_SUITE_ONLY:-}
 BAR_SIZE=32M          # layout::BAR_SIZE
 TRIPLE=x86_64-unknown-linux-gnu
 
@@ -181,6 +183,14 @@ if [ "$SUITE" = 1 ]; then
     || fail "cargo test --no-run of iovmap's suite failed or timed out (${BUILD_TIMEOUT}s)"
   while IFS= read -r exe; do SUITE_BINS+=("$exe"); done < <(grep -o '"executable":"[^"]*"' "$suite_json" | cut -d'"' -f4)
   [ ${#SUITE_BINS[@]} -ge 5 ] || fail "expected iovmap's 5+ test binaries, found ${#SUITE_BINS[@]}"
+  if [ -n "$SUITE_ONLY" ]; then
+    kept=()
+    for b in "${SUITE_BINS[@]}"; do
+      case " $SUITE_ONLY " in *" $(basename "$b" | sed 's/-[0-9a-f]*$//') "*) kept+=("$b") ;; esac
+    done
+    [ ${#kept[@]} -gt 0 ] || fail "VMTEST_SUITE_ONLY='$SUITE_ONLY' names none of iovmap's test binaries"
+    SUITE_BINS=("${kept[@]}")
+  fi
   say "suite: $(for b in "${SUITE_BINS[@]}"; do basename "$b" | sed 's/-[0-9a-f]*$//'; done | tr '\n' ' ')"
 fi
 
