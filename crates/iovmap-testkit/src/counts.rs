@@ -35,26 +35,54 @@ pub fn vma_flags(addr: *const u8) -> Option<String> {
     None
 }
 
-/// The process's VMA and fd counts at one moment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The process's VMA and fd counts at one moment (and its /proc/self/maps then, to show
+/// what changed when the counts do).
+#[derive(Clone, Debug)]
 pub struct Counts {
     /// VMAs.
     pub vmas: usize,
     /// Open fds.
     pub fds: usize,
+    maps: String,
 }
+
+impl PartialEq for Counts {
+    fn eq(&self, other: &Self) -> bool {
+        (self.vmas, self.fds) == (other.vmas, other.fds)
+    }
+}
+
+impl Eq for Counts {}
 
 impl Counts {
     /// Counts now.
     pub fn now() -> Self {
-        Counts { vmas: count_vmas(), fds: count_fds() }
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps");
+        Counts { vmas: maps.lines().count(), fds: count_fds(), maps }
     }
 
-    /// Panics (with `what`) unless the counts are what they were.
+    /// What changed since these counts were taken: `None` if the counts are the same,
+    /// else the counts and the VMAs that appeared and disappeared.
+    pub fn changes(&self) -> Option<String> {
+        let now = Counts::now();
+        if *self == now {
+            return None;
+        }
+        let gone: Vec<&str> = self.maps.lines().filter(|l| !now.maps.lines().any(|m| m == *l)).collect();
+        let new: Vec<&str> = now.maps.lines().filter(|l| !self.maps.lines().any(|m| m == *l)).collect();
+        Some(format!(
+            "VMA/fd counts changed (before {} VMAs {} fds, after {} VMAs {} fds)\n  VMAs gone: {gone:#?}\n  VMAs new: {new:#?}",
+            self.vmas, self.fds, now.vmas, now.fds
+        ))
+    }
+
+    /// Panics (with `what`) unless the counts are what they were, listing the VMAs that
+    /// appeared and disappeared since.
     #[track_caller]
     pub fn assert_unchanged(&self, what: &str) {
-        let now = Counts::now();
-        assert_eq!(*self, now, "{what}: VMA/fd counts changed (before {self:?}, after {now:?})");
+        if let Some(changes) = self.changes() {
+            panic!("{what}: {changes}");
+        }
     }
 }
 
