@@ -51,7 +51,10 @@ pub enum Syscall {
     Populate,
     /// Asking which VMA covers an address (`ioctl(PROCMAP_QUERY)`).
     VmaQuery,
-    /// Reading `/proc/self/maps` (VMA lookups on old kernels, VMA counting).
+    /// Reading `/proc/self/maps` to look up VMAs, on kernels without PROCMAP_QUERY.
+    MapsRead,
+    /// Counting the process's VMAs (reading `/proc/self/maps`) to stay under
+    /// vm.max_map_count.
     VmaCount,
 }
 
@@ -60,9 +63,9 @@ impl Syscall {
     /// Every syscall the injector can name, in a fixed order.
     ///
     /// ```
-    /// assert_eq!(iovmap::fault::Syscall::ALL.len(), 9);
+    /// assert_eq!(iovmap::fault::Syscall::ALL.len(), 10);
     /// ```
-    pub const ALL: [Syscall; 9] = [
+    pub const ALL: [Syscall; 10] = [
         Syscall::Reserve,
         Syscall::Trim,
         Syscall::Clone,
@@ -71,6 +74,7 @@ impl Syscall {
         Syscall::Protect,
         Syscall::Populate,
         Syscall::VmaQuery,
+        Syscall::MapsRead,
         Syscall::VmaCount,
     ];
 }
@@ -456,9 +460,10 @@ pub(crate) fn procmap_query(maps: BorrowedFd<'_>, addr: usize) -> io::Result<Opt
     }
 }
 
-/// Reads /proc/self/maps into `out` (fault-injectable as the VMA count source).
-pub(crate) fn read_self_maps(out: &mut Vec<u8>) -> io::Result<()> {
-    inject(Syscall::VmaCount)?;
+/// Reads /proc/self/maps into `out`; `why` names it for fault injection (a VMA lookup,
+/// [`Syscall::MapsRead`], or a VMA count, [`Syscall::VmaCount`]).
+pub(crate) fn read_self_maps(why: Syscall, out: &mut Vec<u8>) -> io::Result<()> {
+    inject(why)?;
     read_file(c"/proc/self/maps", out)
 }
 

@@ -198,7 +198,7 @@ pub fn parse_maps(text: &[u8], page_size: usize) -> Vec<Vma> {
 /// Counts the VMAs of the calling process (lines of `/proc/self/maps`).
 pub(crate) fn count_process_vmas() -> io::Result<usize> {
     let mut buf = Vec::new();
-    sys::read_self_maps(&mut buf)?;
+    sys::read_self_maps(sys::Syscall::VmaCount, &mut buf)?;
     Ok(buf.iter().filter(|&&b| b == b'\n').count())
 }
 
@@ -266,7 +266,7 @@ impl ProcessVmas {
     fn lookup_in_maps_text(&mut self, addr: usize) -> io::Result<Option<Vma>> {
         if self.table.is_none() {
             let mut text = Vec::new();
-            sys::read_self_maps(&mut text)?;
+            sys::read_self_maps(sys::Syscall::MapsRead, &mut text)?;
             self.table = Some(parse_maps(&text, sys::page_size()));
         }
         let table = self.table.as_deref().unwrap_or_default();

@@ -254,7 +254,7 @@ fn injected_failures_roll_back_at_every_syscall() {
     // VMA lookups are PROCMAP_QUERY ioctls (Linux 6.11+) or reads of /proc/self/maps;
     // the up-front VMA count (near the cap only) has its own check below.
     let mut must = vec!["Reserve", "Clone", "Protect", "Populate"];
-    must.push(if kit::has_procmap_query() { "VmaQuery" } else { "VmaCount" });
+    must.push(if kit::has_procmap_query() { "VmaQuery" } else { "MapsRead" });
     if iovmap::fault::kernel_punches_holes() {
         must.push("CloneProbe");
     }
