@@ -102,17 +102,47 @@ pub struct World {
 }
 
 fn map_at(at: usize, len: usize, flags: i32, fd: i32, offset: usize) {
-    // SAFETY: `at` lies in the slot this module reserved; MAP_FIXED replaces only what
-    // this module mapped there (or, after an munmap, MAP_FIXED_NOREPLACE fills the hole).
+    // SAFETY: `at` lies in the slot this module reserved, all of it mapped by this module
+    // (an unmapped part is refilled by `refill` before anything maps over it again).
     let p = unsafe {
         libc::mmap(at as *mut libc::c_void, len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, offset as libc::off_t)
     };
-    assert_eq!(
-        p as usize,
-        at,
-        "mapping into the race slot failed (something else took the hole?): {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(p as usize, at, "mapping into the race slot failed: {}", std::io::Error::last_os_error());
+}
+
+/// Maps `fd` back into the hole at `at` that the racer just unmapped. Until it does, any
+/// thread's kernel-placed mapping may land in that hole (a view's reservation, a clone
+/// probe, a test's buffer): those are short-lived, so this waits them out (up to 10 s)
+/// instead of replacing them.
+fn refill(at: usize, len: usize, fd: i32, offset: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: MAP_FIXED_NOREPLACE maps only into the hole at `at` and fails rather
+        // than touch anything that now lies there.
+        let p = unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if p as usize == at {
+            return;
+        }
+        if p != libc::MAP_FAILED {
+            // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and place it elsewhere.
+            // SAFETY: the mapping just made, at an address nothing else knows.
+            unsafe { libc::munmap(p, len) };
+            panic!("MAP_FIXED_NOREPLACE unsupported: mapped at {p:?} instead of {at:#x}");
+        }
+        let err = std::io::Error::last_os_error();
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST), "refilling the race slot: {err}");
+        assert!(Instant::now() < deadline, "the race slot's hole stayed taken for 10 s");
+        std::thread::yield_now();
+    }
 }
 
 impl World {
@@ -154,12 +184,12 @@ impl World {
             Change::Unmap => {
                 // SAFETY: X is this module's mapping.
                 unsafe { libc::munmap(x as *mut libc::c_void, N * p) };
-                map_at(x, N * p, libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE, f1, OFF * p);
+                refill(x, N * p, f1, OFF * p);
             }
             Change::UnmapTail => {
                 // SAFETY: the second half of X, this module's mapping.
                 unsafe { libc::munmap((x + half) as *mut libc::c_void, half) };
-                map_at(x + half, half, libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE, f1, OFF * p + half);
+                refill(x + half, half, f1, OFF * p + half);
             }
             Change::ReplaceWhole => {
                 map_at(x, N * p, shared_fixed, f2, OFF * p);
