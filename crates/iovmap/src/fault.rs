@@ -35,6 +35,9 @@ struct State {
     fired: bool,
     /// Behave as a kernel that does (or does not) punch holes, instead of probing.
     holes: Option<bool>,
+    /// Injected clone refusals leave their destination mapped (see
+    /// [`Faults::refuse_before_unmap`]).
+    keep_destination: bool,
     /// Map a foreign mapping into the hole an injected clone failure punches.
     squat: bool,
     /// The foreign mapping made, if any: (address, length).
@@ -87,7 +90,7 @@ pub fn kernel_punches_holes() -> bool {
 
 /// Whether injected clone refusals punch a hole, as Linux before 6.17 does.
 pub(crate) fn emulating_holes() -> bool {
-    assumed_holes() == Some(true)
+    assumed_holes() == Some(true) && !STATE.with(|s| s.borrow().as_ref().is_some_and(|st| st.keep_destination))
 }
 
 /// After an injected clone failure punched `[dst, dst + len)`: if asked, map a foreign
@@ -192,6 +195,25 @@ impl Faults {
         STATE.with(|s| {
             if let Some(st) = s.borrow_mut().as_mut() {
                 st.holes = Some(punches);
+            }
+        });
+        self
+    }
+
+    /// With [`Faults::assume_holes`]`(true)`: the injected clone refusal leaves its
+    /// destination mapped, as Linux before 6.17 does when nothing is mapped at the source
+    /// (that EFAULT comes from a lookup before the unmap; refusals for the source's kind
+    /// come after it).
+    ///
+    /// ```
+    /// # use iovmap::fault::{Faults, Syscall};
+    /// let faults = Faults::new().assume_holes(true).refuse_before_unmap().fail(Syscall::Clone, 0, libc::EFAULT);
+    /// # drop(faults);
+    /// ```
+    pub fn refuse_before_unmap(self) -> Self {
+        STATE.with(|s| {
+            if let Some(st) = s.borrow_mut().as_mut() {
+                st.keep_destination = true;
             }
         });
         self

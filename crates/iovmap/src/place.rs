@@ -21,8 +21,9 @@
 //! 6.17, see `holes.rs`), step 3 never clones into the reservation unless the source is
 //! known to clone: registered regions learn it when registered, other mappings once per
 //! call and VMA, each by a clone to an address the kernel chooses. A clone that fails
-//! anyway (the source changed under the call) leaves its range recorded as a hole: the
-//! fd fallback then uses MAP_FIXED_NOREPLACE, and the rollback leaves the hole alone.
+//! anyway (the source changed under the call) may have left a hole: the reservation is
+//! marked so that the kernel's VMA at the destination says whether it did. A hole is
+//! refilled with MAP_FIXED_NOREPLACE, and the rollback leaves it alone.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -42,7 +43,8 @@ use crate::vma;
 pub(crate) fn build(plan: &Plan, regions: &Regions, opts: &MapOptions) -> Result<View, Error> {
     let runs = plan.runs.len();
     headroom::check(runs)?;
-    let reservation = Reservation::new(plan.map_len, plan.align).map_err(|source| Error::Os {
+    let holes = holes::kernel_punches_holes();
+    let reservation = Reservation::new(plan.map_len, plan.align, holes).map_err(|source| Error::Os {
         op: "mmap (reservation)",
         index: None,
         source,
@@ -51,7 +53,7 @@ pub(crate) fn build(plan: &Plan, regions: &Regions, opts: &MapOptions) -> Result
         reservation,
         regions,
         prot: opts.access.prot(),
-        holes: holes::kernel_punches_holes(),
+        holes,
         probed: BTreeMap::new(),
         to_check: Vec::new(),
         stats: MapStats { segments: plan.segments, runs, ..MapStats::default() },
@@ -235,8 +237,20 @@ impl Placer<'_> {
                 }
                 if self.holes {
                     // Known to clone, yet refused: the source changed under us. On this
-                    // kernel the destination is gone, and may be someone else's by now.
+                    // kernel the destination may be gone (refused for its kind) or not
+                    // (refused because nothing was mapped there), and if gone, may be
+                    // someone else's by now. Until the kernel says, it is a hole; if the
+                    // lookup fails, it stays one (better a PROT_NONE range left behind
+                    // than another thread's mapping unmapped).
                     self.reservation.mark_hole(dst, run.len());
+                    let ours = self.reservation.still_holds(dst).map_err(|source| Error::Os {
+                        op: "VMA lookup (after a refused clone)",
+                        index: Some(run.first()),
+                        source,
+                    })?;
+                    if ours {
+                        self.reservation.fill_hole(dst);
+                    }
                 }
                 log::debug!(
                     "iovmap: clone of {:#x}+{:#x} refused ({e}); using the registered fd",

@@ -1,38 +1,90 @@
 //! The address range a view is built in.
 //!
-//! A [`Reservation`] is a PROT_NONE private anonymous mapping, aligned to the largest
-//! page size of the view's runs (over-reserve, then trim head and tail). Runs are placed
-//! inside it with MAP_FIXED / MREMAP_FIXED, so a run that was never placed faults
-//! instead of showing stale memory, and dropping the reservation before it becomes a
-//! view unmaps everything placed so far: that drop is the rollback of every error path.
+//! A [`Reservation`] is a PROT_NONE private mapping, aligned to the largest page size of
+//! the view's runs (over-reserve, then trim head and tail). Runs are placed inside it with
+//! MAP_FIXED / MREMAP_FIXED, so a run that was never placed faults instead of showing
+//! stale memory, and dropping the reservation before it becomes a view unmaps everything
+//! placed so far: that drop is the rollback of every error path.
 //!
-//! On kernels that punch holes (see `holes.rs`), a range whose clone failed may have been
-//! unmapped by the kernel and taken by another thread since. Such a range is recorded as
-//! a hole and the rollback unmaps everything but the holes.
+//! On kernels that punch holes (see `holes.rs`), a clone refused into the reservation may
+//! or may not have unmapped its destination: Linux before 6.17 unmaps it before checking
+//! the source's kind (VM_PFNMAP, private memory), but not when the source is not mapped
+//! at all (that EFAULT comes from a lookup before the unmap). Another thread may have
+//! mapped something into a hole since, so the two cases must be told apart for certain,
+//! and an anonymous PROT_NONE range looks like any other. There a reservation is
+//! therefore *marked*: a private PROT_NONE mapping of iovmap's own memfd at an offset no
+//! other reservation uses, so the VMA at an address says whether it is still this
+//! reservation ([`Reservation::still_holds`]). A range it no longer holds is recorded as
+//! a hole, and the rollback unmaps everything but the holes.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::sys;
+use crate::regions::FileId;
+use crate::{sys, vma};
 
 pub(crate) struct Reservation {
     base: usize,
     len: usize,
+    /// For a marked reservation: the offset in the marker file of `base`.
+    marker: Option<u64>,
     /// Ranges `(start, end)` that may no longer be ours.
     holes: Vec<(usize, usize)>,
 }
 
+/// The memfd marked reservations map, opened once per process and kept open (marked
+/// reservations are made only on kernels that punch holes).
+struct MarkerFile {
+    fd: OwnedFd,
+    id: FileId,
+    /// The next unused offset: every reservation takes its own stretch of the file.
+    next: AtomicU64,
+}
+
+static MARKER: OnceLock<MarkerFile> = OnceLock::new();
+
+/// Offsets wrap here (far below the 2^63 limit of a file offset); a reservation would
+/// have to live while 2^62 bytes of others are made for two to share an offset.
+const MARKER_SPACE: u64 = 1 << 62;
+
+fn marker_file() -> io::Result<&'static MarkerFile> {
+    if let Some(m) = MARKER.get() {
+        return Ok(m);
+    }
+    let fd = sys::memfd(c"iovmap-reservation")?;
+    let info = sys::file_info(fd.as_fd())?;
+    let id = FileId { dev: u64::from(libc::major(info.dev)) << 32 | u64::from(libc::minor(info.dev)), ino: info.ino };
+    // A thread that lost the race drops its memfd.
+    let _ = MARKER.set(MarkerFile { fd, id, next: AtomicU64::new(0) });
+    Ok(MARKER.get().expect("just set"))
+}
+
+/// Maps `len` bytes of address space: anonymous, or, if `marked`, from a fresh stretch of
+/// the marker file. Returns the address and the marker offset.
+fn reserve(len: usize, marked: bool) -> io::Result<(usize, Option<u64>)> {
+    if !marked {
+        return Ok((sys::reserve(len)?, None));
+    }
+    let m = marker_file()?;
+    let offset = m.next.fetch_add(len as u64, Ordering::Relaxed) % MARKER_SPACE;
+    Ok((sys::reserve_from(len, m.fd.as_fd(), offset)?, Some(offset)))
+}
+
 impl Reservation {
     /// Reserves `len` bytes at an address aligned to `align` (a power of two no smaller
-    /// than the base page).
-    pub(crate) fn new(len: usize, align: usize) -> io::Result<Self> {
+    /// than the base page); `marked` on kernels that punch holes (see the module docs).
+    pub(crate) fn new(len: usize, align: usize, marked: bool) -> io::Result<Self> {
         let page = sys::page_size();
         if align <= page {
-            return Ok(Reservation { base: sys::reserve(len)?, len, holes: Vec::new() });
+            let (base, marker) = reserve(len, marked)?;
+            return Ok(Reservation { base, len, marker, holes: Vec::new() });
         }
         let over = len.checked_add(align - page).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        let raw = sys::reserve(over)?;
+        let (raw, marker) = reserve(over, marked)?;
         // From here on `held` is exactly what is still mapped, so any failure unmaps it.
-        let mut held = Reservation { base: raw, len: over, holes: Vec::new() };
+        let mut held = Reservation { base: raw, len: over, marker, holes: Vec::new() };
         let base = raw.next_multiple_of(align);
         let head = base - raw;
         let tail = over - head - len;
@@ -41,6 +93,7 @@ impl Reservation {
             unsafe { sys::trim(raw, head)? };
             held.base = base;
             held.len = over - head;
+            held.marker = marker.map(|m| m + head as u64);
         }
         if tail > 0 {
             // SAFETY: `[base + len, raw + over)` is the tail of the same reservation.
@@ -68,9 +121,22 @@ impl Reservation {
         self.holes.iter().any(|h| h.0 == start)
     }
 
-    /// Records that the hole at `start` is ours again (filled without replacing anything).
+    /// Records that the hole at `start` is ours again (filled without replacing anything,
+    /// or found never to have been punched).
     pub(crate) fn fill_hole(&mut self, start: usize) {
         self.holes.retain(|h| h.0 != start);
+    }
+
+    /// Whether this reservation still maps `addr` (never placed there, nor unmapped
+    /// since): the kernel's VMA at `addr` maps the marker file at this reservation's
+    /// offset for `addr`. Only a marked reservation can tell; an unmarked one answers
+    /// `false`. A range the kernel unmaps goes whole, so one address stands for the range
+    /// starting there.
+    pub(crate) fn still_holds(&self, addr: usize) -> io::Result<bool> {
+        let (Some(marker), Some(m)) = (self.marker, MARKER.get()) else { return Ok(false) };
+        let want = marker + (addr - self.base) as u64;
+        let seen = vma::vmas_now(&[addr])?.pop().flatten();
+        Ok(seen.is_some_and(|v| !v.shared && v.file == m.id && v.offset + (addr - v.start) as u64 == want))
     }
 
     /// Hands the range over to a view, which becomes responsible for unmapping it.

@@ -115,6 +115,25 @@ pub(crate) fn reserve(len: usize) -> io::Result<usize> {
     })
 }
 
+/// Reserves `len` bytes of address space as [`reserve`] does, but as a private mapping
+/// of `fd` from `offset`: a range whose VMA names that file and offset (PROT_NONE: the
+/// file's contents are never read, and it may be shorter than the range).
+pub(crate) fn reserve_from(len: usize, fd: BorrowedFd<'_>, offset: u64) -> io::Result<usize> {
+    inject(Syscall::Reserve)?;
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: as in `reserve`: NULL address without MAP_FIXED replaces nothing.
+    check_ptr(unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            fd.as_raw_fd(),
+            offset,
+        )
+    })
+}
+
 /// Unmaps `[addr, addr + len)`.
 ///
 /// # Safety

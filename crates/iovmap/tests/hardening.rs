@@ -17,6 +17,9 @@
 //! `cargo test -p iovmap --test hardening -- <filter>` runs the checks whose name
 //! contains `<filter>`.
 
+#[path = "support/steady.rs"]
+mod steady;
+
 use iovmap::fault::{Faults, Syscall};
 use iovmap::{Access, Error, MapOptions, Remapper, View};
 use iovmap_testkit::{self as kit, BpfArray, Counts, GuestRam, Mapping, PerfRing};
@@ -34,16 +37,7 @@ fn main() {
         ("vma_cap_pressure_at_several_distances", vma_cap_pressure_at_several_distances),
         ("views_outlive_every_kind_of_source", views_outlive_every_kind_of_source),
     ];
-    kit::run_counting_checks("hardening", checks, warm_up);
-}
-
-/// The process's steady state: the PROCMAP_QUERY fd, the hole probe, malloc's arena.
-fn warm_up() {
-    let ram = GuestRam::new(16 * page()).unwrap();
-    let mut r = Remapper::new();
-    r.register(ram.ptr(), ram.len(), ram.fd(), 0).unwrap();
-    drop(r.map(&[ram.iov(0, page()), ram.iov(4 * page(), page())]).unwrap());
-    let _ = Counts::now();
+    kit::run_counting_checks("hardening", checks, steady::warm_up);
 }
 
 fn regions(r: &Remapper) -> Vec<(usize, usize, u64)> {

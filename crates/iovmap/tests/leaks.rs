@@ -10,6 +10,9 @@
 //!
 //! `cargo test --test leaks -- <filter>` runs the checks whose name contains `<filter>`.
 
+#[path = "support/steady.rs"]
+mod steady;
+
 use std::os::fd::AsFd;
 
 use iovmap::fault::{Faults, Syscall};
@@ -38,13 +41,13 @@ fn main() {
     kit::run_counting_checks("leaks", checks, warm_up);
 }
 
-/// Lets the process reach its steady state: the PROCMAP_QUERY fd, malloc arenas and
+/// Lets the process reach its steady state: what iovmap keeps open, malloc arenas and
 /// cached thread stacks.
 fn warm_up() {
+    steady::warm_up();
     let ram = GuestRam::new(16 * page()).unwrap();
     let mut r = Remapper::new();
     r.register(ram.ptr(), ram.len(), ram.fd(), 0).unwrap();
-    drop(r.map(&[ram.iov(0, page()), ram.iov(4 * page(), page())]).unwrap());
     threads_workload(&r, &ram, None, 4, 20);
 }
 
@@ -463,6 +466,7 @@ fn hole_kernels_never_clobber() {
     };
     let r1 = registered();
     let r2 = registered();
+    let r3 = registered();
     let before = Counts::now();
 
     // The second clone is refused anyway (as if the source changed under the call). The
@@ -479,6 +483,32 @@ fn hole_kernels_never_clobber() {
         assert_eq!(unsafe { kit::first_difference(view.as_ptr(), want.as_ptr(), want.len()) }, None);
     }
     before.assert_unchanged("refused clone, hole refilled by MAP_FIXED_NOREPLACE");
+
+    // The same refusal for a source that is not mapped at all comes before the unmap: the
+    // destination is still the reservation. iovmap must see that (the reservation is
+    // marked) and neither fail to refill it nor leave it behind.
+    for (what, remapper) in [("registered", Some(&r3)), ("unregistered", None)] {
+        let faults = Faults::new().assume_holes(true).refuse_before_unmap().fail(Syscall::Clone, 1, libc::EFAULT);
+        let got = match remapper {
+            Some(r) => r.map(&list),
+            None => iovmap::map(&list),
+        };
+        assert!(faults.fired());
+        let lookups = faults.calls(Syscall::VmaQuery) + faults.calls(Syscall::MapsRead);
+        drop(faults);
+        match (what, got) {
+            ("registered", Ok(view)) => {
+                assert_eq!(view.stats().fd_mapped, 2, "refilled with MAP_FIXED, the range being ours");
+                // SAFETY: live fixtures and view.
+                let want = unsafe { iovmap_peers::gather(&list) };
+                assert_eq!(unsafe { kit::first_difference(view.as_ptr(), want.as_ptr(), want.len()) }, None);
+            }
+            ("unregistered", Err(Error::NoFallback { index: 1, .. })) => {}
+            (_, got) => panic!("{what}: {:?}", got.map(|v| v.stats().clone())),
+        }
+        assert!(lookups >= 1, "{what}: the kernel was asked what is at the destination");
+        before.assert_unchanged(&format!("{what}: refusal before the unmap"));
+    }
 
     // Another thread maps into the hole first: iovmap must neither overwrite nor unmap it.
     for (what, remapper) in [("registered", Some(&r2)), ("unregistered", None)] {
