@@ -65,11 +65,11 @@ fn marker_file() -> io::Result<&'static MarkerFile> {
 /// the marker file. Returns the address and the marker offset.
 fn reserve(len: usize, marked: bool) -> io::Result<(usize, Option<u64>)> {
     if !marked {
-        return Ok((sys::reserve(len)?, None));
+        return Ok((sys::reserve(len, None)?, None));
     }
     let m = marker_file()?;
     let offset = m.next.fetch_add(len as u64, Ordering::Relaxed) % MARKER_SPACE;
-    Ok((sys::reserve_from(len, m.fd.as_fd(), offset)?, Some(offset)))
+    Ok((sys::reserve(len, Some((m.fd.as_fd(), offset)))?, Some(offset)))
 }
 
 impl Reservation {

@@ -97,41 +97,24 @@ fn check_int(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
-/// Reserves `len` bytes of address space: PROT_NONE, private, anonymous, no swap
-/// accounting. The kernel chooses the address, so nothing existing is touched.
-pub(crate) fn reserve(len: usize) -> io::Result<usize> {
+/// Reserves `len` bytes of address space: PROT_NONE, private, no swap accounting;
+/// anonymous, or with `file = Some((fd, offset))` a mapping of that file from `offset`,
+/// so that the VMA names the file and offset (PROT_NONE: nothing is ever read from it,
+/// and the file may be shorter than the range). The kernel chooses the address, so
+/// nothing existing is touched.
+pub(crate) fn reserve(len: usize, file: Option<(BorrowedFd<'_>, u64)>) -> io::Result<usize> {
     inject(Syscall::Reserve)?;
-    // SAFETY: addr is NULL and MAP_FIXED is absent, so the kernel picks a free range and
-    // no existing mapping can be replaced. The result is checked against MAP_FAILED.
-    check_ptr(unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    })
-}
-
-/// Reserves `len` bytes of address space as [`reserve`] does, but as a private mapping
-/// of `fd` from `offset`: a range whose VMA names that file and offset (PROT_NONE: the
-/// file's contents are never read, and it may be shorter than the range).
-pub(crate) fn reserve_from(len: usize, fd: BorrowedFd<'_>, offset: u64) -> io::Result<usize> {
-    inject(Syscall::Reserve)?;
-    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-    // SAFETY: as in `reserve`: NULL address without MAP_FIXED replaces nothing.
-    check_ptr(unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_NONE,
+    let (flags, fd, offset) = match file {
+        None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0),
+        Some((fd, offset)) => (
             libc::MAP_PRIVATE | libc::MAP_NORESERVE,
             fd.as_raw_fd(),
-            offset,
-        )
-    })
+            libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?,
+        ),
+    };
+    // SAFETY: addr is NULL and MAP_FIXED is absent, so the kernel picks a free range and
+    // no existing mapping can be replaced. The result is checked against MAP_FAILED.
+    check_ptr(unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, flags, fd, offset) })
 }
 
 /// Unmaps `[addr, addr + len)`.
