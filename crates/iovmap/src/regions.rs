@@ -13,10 +13,23 @@ use std::sync::atomic::{AtomicI32, Ordering};
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FileId {
-    /// `st_dev` of the file.
+    /// The file's device as `major << 32 | minor`, the way /proc/self/maps and
+    /// PROCMAP_QUERY name it, so that an id from `fstat` and one from a VMA compare.
     pub dev: u64,
     /// `st_ino` of the file.
     pub ino: u64,
+}
+
+impl FileId {
+    /// The id of the file on device `major:minor` with inode `ino`.
+    pub(crate) fn new(major: u32, minor: u32, ino: u64) -> Self {
+        FileId { dev: u64::from(major) << 32 | u64::from(minor), ino }
+    }
+
+    /// The id of a file from its `fstat` (`st_dev` as glibc encodes it, `st_ino`).
+    pub(crate) fn from_stat(st_dev: u64, st_ino: u64) -> Self {
+        FileId::new(libc::major(st_dev), libc::minor(st_dev), st_ino)
+    }
 }
 
 /// What the planner knows of a registered region: pure data, no fd.

@@ -185,7 +185,7 @@ impl Remapper {
                 what()
             )));
         }
-        let file = if info.anon_inode { anon } else { FileId { dev: info.dev, ino: info.ino } };
+        let file = if info.anon_inode { anon } else { FileId::from_stat(info.dev, info.ino) };
         Ok(RegionSpan { start, end, offset, file, page_size, mappable: true })
     }
 

@@ -55,7 +55,7 @@ fn marker_file() -> io::Result<&'static MarkerFile> {
     }
     let fd = sys::memfd(c"iovmap-reservation")?;
     let info = sys::file_info(fd.as_fd())?;
-    let id = FileId { dev: u64::from(libc::major(info.dev)) << 32 | u64::from(libc::minor(info.dev)), ino: info.ino };
+    let id = FileId::from_stat(info.dev, info.ino);
     // A thread that lost the race drops its memfd.
     let _ = MARKER.set(MarkerFile { fd, id, next: AtomicU64::new(0) });
     Ok(MARKER.get().expect("just set"))

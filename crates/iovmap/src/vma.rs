@@ -136,7 +136,7 @@ pub fn parse_maps_line(line: &[u8], page_size: usize) -> Option<Vma> {
         b'p' => false,
         _ => return None,
     };
-    let file = FileId { dev: (major as u64) << 32 | minor as u64, ino };
+    let file = FileId::new(major as u32, minor as u32, ino);
     Some(Vma { start, end, prot, shared, page_size, offset, file })
 }
 
@@ -315,7 +315,7 @@ fn to_vma(q: sys::QueriedVma) -> Option<Vma> {
         shared: q.flags & sys::PROCMAP_SHARED != 0,
         page_size: usize::try_from(q.page_size).ok().filter(|p| p.is_power_of_two()).unwrap_or(sys::page_size()),
         offset: q.offset,
-        file: FileId { dev: u64::from(q.dev_major) << 32 | u64::from(q.dev_minor), ino: q.inode },
+        file: FileId::new(q.dev_major, q.dev_minor, q.inode),
     })
 }
 
