@@ -18,12 +18,12 @@ fn peers(c: &mut Criterion, group: &str, param: usize, w: &Workload, ram: &Guest
     let mut g = c.benchmark_group(group);
     g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(3));
     let remapper = Remapper::new();
-    let populate = MapOptions { populate: true, ..MapOptions::default() };
+    let populate = MapOptions::new().populate();
     g.bench_with_input(BenchmarkId::new("iovmap", param), w, |b, w| {
         b.iter_batched(|| (), |()| remapper.map(black_box(&w.iovs)).unwrap(), BatchSize::PerIteration)
     });
     g.bench_with_input(BenchmarkId::new("iovmap_populate", param), w, |b, w| {
-        b.iter_batched(|| (), |()| remapper.map_with(black_box(&w.iovs), &populate).unwrap(), BatchSize::PerIteration)
+        b.iter_batched(|| (), |()| remapper.map_with(black_box(&w.iovs), populate).unwrap(), BatchSize::PerIteration)
     });
     g.bench_with_input(BenchmarkId::new("naive", param), w, |b, w| {
         b.iter_batched(|| (), |()| naive_map(black_box(&w.iovs)).unwrap(), BatchSize::PerIteration)

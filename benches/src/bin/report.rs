@@ -1,7 +1,7 @@
 //! Turns the results of `cargo bench` into docs/benchmarks.md's tables and
 //! docs/benchmarks.svg.
 //!
-//! `cargo run --release -p iovmap-benches --bin report` after `cargo bench` (from the
+//! `cargo run --release -p iovmap-benches --bin report` after `cargo bench -p iovmap-benches` (from the
 //! workspace root). It reads `target/criterion/<group>/<peer>/<param>/new/estimates.json`
 //! (the median of each benchmark), measures the shapes the targets depend on (runs of W2,
 //! syscalls of W4) with iovmap itself, rewrites the part of docs/benchmarks.md between
@@ -360,12 +360,12 @@ fn main() {
     let mut r = Results::new();
     collect(&target.join("criterion"), "", &mut r);
     if r.is_empty() {
-        eprintln!("report: no criterion results under {}: run `cargo bench` first", target.join("criterion").display());
+        eprintln!("report: no criterion results under {}: run `cargo bench -p iovmap-benches` first", target.join("criterion").display());
         std::process::exit(1);
     }
     let shapes = shapes();
     let mut out = String::new();
-    out.push_str("Medians of `cargo bench` (criterion), each row measured in the same run.\n\n");
+    out.push_str("Medians of `cargo bench -p iovmap-benches` (criterion), each row measured in the same run.\n\n");
     workload_table(&r, &mut out);
     out.push_str("\nTargets:\n\n");
     targets_table(&r, &shapes, &mut out);

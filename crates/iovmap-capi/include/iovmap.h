@@ -27,6 +27,15 @@
 #define IOVMAP_MAP_POPULATE (1 << 1)
 
 /**
+ * `iovmap_map` flag: let the view allow more than its source mappings. Without it a
+ * read-write view of memory the process mapped read-only (a ROM, a sealed firmware
+ * image) is refused with `IOVMAP_E_NOT_WRITABLE`, because writes through the view would
+ * change memory the VMM chose to protect. With it the view is writable wherever the
+ * backing file allows (a read-only fd or a write-sealed memfd still refuses).
+ */
+#define IOVMAP_MAP_RAISE_SOURCE_PROTECTION (1 << 2)
+
+/**
  * What a function of the C API returns: 0 for success, a negative code for each kind
  * of error. The functions return `int`; these are its values. The message and the
  * index of the iovec at fault are kept for the calling thread
@@ -64,8 +73,9 @@ typedef enum iovmap_code {
      */
     IOVMAP_E_NOT_SHAREABLE = -6,
     /**
-     * The kernel refused to clone a run (vfio-pci BAR, hugetlbfs) and no registered fd
-     * could be mapped in its place; the index names the run's first segment.
+     * The kernel refused to clone a run (vfio-pci BAR, hugetlbfs, a mapping sealed with
+     * mseal) and no registered fd could be mapped in its place; the index names the
+     * run's first segment.
      */
     IOVMAP_E_NO_FALLBACK = -7,
     /**
@@ -74,13 +84,16 @@ typedef enum iovmap_code {
     IOVMAP_E_TOO_MANY_MAPPINGS = -8,
     /**
      * `iovmap_register` or `iovmap_unregister` refused the region (overlap,
-     * misalignment, not mapped, private, file too short, nothing registered there).
+     * misalignment, not mapped, private, file too short, not the fd's file or offset,
+     * nothing registered there); or `iovmap_map` found that a registered region's memory
+     * was replaced without `iovmap_unregister` (the index names the segment).
      */
     IOVMAP_E_INVALID_REGION = -9,
     /**
      * A read-write view of memory that cannot be written (read-only fd, write-sealed
-     * memfd) was asked for: map it with `IOVMAP_MAP_READ_ONLY`. The index names the
-     * run's first segment.
+     * memfd), or of a mapping the process made read-only without
+     * `IOVMAP_MAP_RAISE_SOURCE_PROTECTION`, was asked for: map it with
+     * `IOVMAP_MAP_READ_ONLY`. The index names the run's first segment.
      */
     IOVMAP_E_NOT_WRITABLE = -10,
     /**
@@ -188,6 +201,17 @@ void iovmap_remapper_free(struct iovmap_remapper *r);
  * page size (address, length and offset; the huge page size for hugetlbfs); a file
  * with a size must hold `offset + len` bytes.
  *
+ * The mapping at `addr` must be of `fd`'s file (same device and inode), and, for regular
+ * files, memfds and hugetlbfs files, at `offset`: a wrong fd (a pipe, another file) or
+ * offset is refused. Every later `iovmap_map` checks that the memory there is still what
+ * was registered, and refuses a segment whose mapping was replaced
+ * (`IOVMAP_E_INVALID_REGION`, with the index). What cannot be verified: for device fds
+ * (vfio) the offset the kernel reports is driver-defined, so it is taken on trust; and
+ * all anonymous-inode files (vfio group-mode device fds) share one inode, so such a
+ * mapping replaced by another anonymous-inode mapping looks unchanged. So: call
+ * `iovmap_unregister` before unmapping or replacing registered memory (memory hot-unplug,
+ * a remapped RAMBlock), and register the new mapping afterwards.
+ *
  * Returns `IOVMAP_OK`, `IOVMAP_E_INVALID_ARGUMENT` (NULL remapper, negative or closed
  * fd) or `IOVMAP_E_INVALID_REGION` (the message says what is wrong). On error nothing
  * is registered.
@@ -223,7 +247,9 @@ int iovmap_unregister(struct iovmap_remapper *r, const void *addr);
  * mapping become one run (one syscall). Every boundary between runs must be on a page
  * boundary (the huge page size for hugetlbfs) on both sides; the first iovec may start,
  * and the last end, mid-page, and `iovmap_view_ptr` then points into the first page.
- * `flags` is 0 or a combination of `IOVMAP_MAP_READ_ONLY` and `IOVMAP_MAP_POPULATE`.
+ * `flags` is 0 or a combination of `IOVMAP_MAP_READ_ONLY`, `IOVMAP_MAP_POPULATE` and
+ * `IOVMAP_MAP_RAISE_SOURCE_PROTECTION`. Without the last, the view allows no more than
+ * each source mapping: a read-write view of a read-only mapping is refused.
  *
  * Returns `IOVMAP_OK`, or a negative `IOVMAP_E_*` code with `*out` set to NULL (when
  * `out` is not NULL) and nothing mapped; `iovmap_last_error_index` names the iovec at
@@ -243,7 +269,8 @@ int iovmap_map(const struct iovmap_remapper *r,
 
 /**
  * The first byte of the view (the first byte of the first iovec's memory, seen
- * through the view), or NULL when `v` is NULL. Valid until `iovmap_view_free`.
+ * through the view), or NULL when `v` is NULL. Valid until `iovmap_view_free`. A
+ * write through a view mapped with `IOVMAP_MAP_READ_ONLY` faults (SIGSEGV).
  *
  * # Safety
  * `v` is NULL or a live view, not being freed meanwhile.

@@ -31,17 +31,21 @@ pub enum IovmapCode {
     /// A segment lies in private memory (MAP_PRIVATE, private anonymous), which cannot
     /// be aliased; the index names it.
     IOVMAP_E_NOT_SHAREABLE = -6,
-    /// The kernel refused to clone a run (vfio-pci BAR, hugetlbfs) and no registered fd
-    /// could be mapped in its place; the index names the run's first segment.
+    /// The kernel refused to clone a run (vfio-pci BAR, hugetlbfs, a mapping sealed with
+    /// mseal) and no registered fd could be mapped in its place; the index names the
+    /// run's first segment.
     IOVMAP_E_NO_FALLBACK = -7,
     /// The view needs more mappings than `vm.max_map_count` leaves room for.
     IOVMAP_E_TOO_MANY_MAPPINGS = -8,
     /// `iovmap_register` or `iovmap_unregister` refused the region (overlap,
-    /// misalignment, not mapped, private, file too short, nothing registered there).
+    /// misalignment, not mapped, private, file too short, not the fd's file or offset,
+    /// nothing registered there); or `iovmap_map` found that a registered region's memory
+    /// was replaced without `iovmap_unregister` (the index names the segment).
     IOVMAP_E_INVALID_REGION = -9,
     /// A read-write view of memory that cannot be written (read-only fd, write-sealed
-    /// memfd) was asked for: map it with `IOVMAP_MAP_READ_ONLY`. The index names the
-    /// run's first segment.
+    /// memfd), or of a mapping the process made read-only without
+    /// `IOVMAP_MAP_RAISE_SOURCE_PROTECTION`, was asked for: map it with
+    /// `IOVMAP_MAP_READ_ONLY`. The index names the run's first segment.
     IOVMAP_E_NOT_WRITABLE = -10,
     /// A system call failed for another reason; the message names it and the errno.
     IOVMAP_E_OS = -11,
@@ -117,8 +121,25 @@ impl Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
-        Failure { code: code_of(&e), message: e.to_string(), index: e.index() }
+        Failure { code: code_of(&e), message: c_message(&e), index: e.index() }
     }
+}
+
+/// What a C caller is told: iovmap's message, with the Rust names of the calls and
+/// options it advises replaced by the C API's.
+pub(crate) fn c_message(e: &Error) -> String {
+    const C_NAMES: [(&str, &str); 5] = [
+        ("Remapper::register", "iovmap_register"),
+        ("Access::ReadOnly", "IOVMAP_MAP_READ_ONLY"),
+        ("MapOptions::raise_source_protection()", "IOVMAP_MAP_RAISE_SOURCE_PROTECTION"),
+        ("isize::MAX", "PTRDIFF_MAX"),
+        ("Remapper::unregister", "iovmap_unregister"),
+    ];
+    let mut text = e.to_string();
+    for (rust, c) in C_NAMES {
+        text = text.replace(rust, c);
+    }
+    text
 }
 
 /// The code of an iovmap error: one per kind, and `IOVMAP_E_OTHER` for kinds added to
@@ -130,10 +151,12 @@ pub(crate) fn code_of(e: &Error) -> IovmapCode {
         Error::Unaligned { .. } => IOVMAP_E_UNALIGNED,
         Error::NotMapped { .. } => IOVMAP_E_NOT_MAPPED,
         Error::NotShareable { .. } => IOVMAP_E_NOT_SHAREABLE,
-        Error::NoFallback { .. } => IOVMAP_E_NO_FALLBACK,
+        Error::NoFallback { .. } | Error::Sealed { .. } => IOVMAP_E_NO_FALLBACK,
         Error::TooManyMappings { .. } => IOVMAP_E_TOO_MANY_MAPPINGS,
-        Error::InvalidRegion { .. } => IOVMAP_E_INVALID_REGION,
-        Error::NotWritable { .. } => IOVMAP_E_NOT_WRITABLE,
+        Error::InvalidRegion { .. } | Error::NotRegistered { .. } | Error::StaleRegion { .. } => {
+            IOVMAP_E_INVALID_REGION
+        }
+        Error::NotWritable { .. } | Error::ExceedsSource { .. } => IOVMAP_E_NOT_WRITABLE,
         Error::Os { .. } => IOVMAP_E_OS,
         Error::SourceChanged { .. } => IOVMAP_E_SOURCE_CHANGED,
         _ => IOVMAP_E_OTHER,
@@ -281,6 +304,64 @@ mod tests {
         // Only a race makes it (crates/iovmap/tests/races.rs); its mapping is checked here.
         assert_eq!(code_of(&Error::SourceChanged { index: 3 }), IOVMAP_E_SOURCE_CHANGED);
         assert_eq!(IOVMAP_E_SOURCE_CHANGED.raw(), -14);
+    }
+
+    #[test]
+    fn messages_name_c_calls_and_flags_not_rust_items() {
+        use iovmap_core::{Operation, RegionContext, RegionError};
+        let io = || std::io::Error::from_raw_os_error(libc::EPERM);
+        let id = {
+            // A real id: register a page of a memfd, then look it up.
+            // SAFETY: memfd_create with a valid C string; the result is checked.
+            let fd = unsafe { libc::memfd_create(c"capi".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: `fd` is the fresh memfd just made; it is closed below.
+            let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let page = iovmap_core::page_size();
+            file.set_len(page as u64).unwrap();
+            // SAFETY: a fresh shared mapping of our memfd, unmapped below.
+            let p = unsafe { libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
+            let mut r = iovmap_core::Remapper::new();
+            let id = r.register(p.cast(), page, &file, 0).unwrap();
+            // SAFETY: unmaps the mapping made above.
+            unsafe { libc::munmap(p, page) };
+            id
+        };
+        let every: Vec<Error> = vec![
+            Error::Empty,
+            Error::TooLarge,
+            Error::Unaligned { index: 1 },
+            Error::NotMapped { index: 1 },
+            Error::NotShareable { index: 1 },
+            Error::NoFallback { index: 1, source: io() },
+            Error::Sealed { index: 1 },
+            Error::DeviceHole { index: 1 },
+            Error::NotInGuestMemory { index: 1 },
+            Error::SourceChanged { index: 1 },
+            Error::StaleRegion { index: 1, at: 0x1000, region: id },
+            Error::TooManyMappings { needed: 2, available: 1 },
+            Error::InvalidRegion {
+                addr: 0x1000,
+                len: 0x1000,
+                offset: 0,
+                context: RegionContext::Register,
+                kind: RegionError::Private { at: 0x1000 },
+            },
+            Error::NotRegistered { id },
+            Error::ExceedsSource { index: 1, prot: libc::PROT_READ, wanted: libc::PROT_READ | libc::PROT_WRITE },
+            Error::NotWritable { index: 1 },
+            Error::Os { op: Operation::Clone, index: Some(1), source: io() },
+        ];
+        for e in &every {
+            let c = c_message(e);
+            assert!(!c.contains("::"), "a Rust path in a C message: {c}");
+            // Device holes (vfio registrations) and guest lists (vm-memory) have no C API.
+            let c_reachable = !matches!(e, Error::DeviceHole { .. } | Error::NotInGuestMemory { .. });
+            assert!(!c_reachable || code_of(e) != IOVMAP_E_OTHER, "{e:?} has no code of its own");
+        }
+        assert!(c_message(&every[6]).contains("iovmap_register"), "{}", c_message(&every[6]));
+        assert!(c_message(&every[14]).contains("IOVMAP_MAP_RAISE_SOURCE_PROTECTION"));
+        assert!(c_message(&every[15]).contains("IOVMAP_MAP_READ_ONLY"));
     }
 
     fn last_message() -> String {

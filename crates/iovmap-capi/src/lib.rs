@@ -76,12 +76,13 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::ffi::{c_int, c_uint, c_void};
 use std::os::fd::BorrowedFd;
 use std::ptr;
 
-use iovmap_core::{Access, MapOptions, Remapper};
+use iovmap_core::{MapOptions, Remapper};
 
 mod error;
 
@@ -95,8 +96,14 @@ pub const IOVMAP_MAP_READ_ONLY: c_uint = 1 << 0;
 /// `iovmap_map` flag: prefault the RAM runs of the view (MADV_POPULATE_READ/WRITE,
 /// Linux 5.14+) so first accesses do not fault. Device runs (vfio BARs) are skipped.
 pub const IOVMAP_MAP_POPULATE: c_uint = 1 << 1;
+/// `iovmap_map` flag: let the view allow more than its source mappings. Without it a
+/// read-write view of memory the process mapped read-only (a ROM, a sealed firmware
+/// image) is refused with `IOVMAP_E_NOT_WRITABLE`, because writes through the view would
+/// change memory the VMM chose to protect. With it the view is writable wherever the
+/// backing file allows (a read-only fd or a write-sealed memfd still refuses).
+pub const IOVMAP_MAP_RAISE_SOURCE_PROTECTION: c_uint = 1 << 2;
 
-const KNOWN_FLAGS: c_uint = IOVMAP_MAP_READ_ONLY | IOVMAP_MAP_POPULATE;
+const KNOWN_FLAGS: c_uint = IOVMAP_MAP_READ_ONLY | IOVMAP_MAP_POPULATE | IOVMAP_MAP_RAISE_SOURCE_PROTECTION;
 
 /// A remapper (opaque): the registered regions whose fds stand in where the kernel will
 /// not clone a mapping. Create with `iovmap_remapper_new`, free with
@@ -185,6 +192,17 @@ pub unsafe extern "C" fn iovmap_remapper_free(r: *mut IovmapRemapper) {
 /// page size (address, length and offset; the huge page size for hugetlbfs); a file
 /// with a size must hold `offset + len` bytes.
 ///
+/// The mapping at `addr` must be of `fd`'s file (same device and inode), and, for regular
+/// files, memfds and hugetlbfs files, at `offset`: a wrong fd (a pipe, another file) or
+/// offset is refused. Every later `iovmap_map` checks that the memory there is still what
+/// was registered, and refuses a segment whose mapping was replaced
+/// (`IOVMAP_E_INVALID_REGION`, with the index). What cannot be verified: for device fds
+/// (vfio) the offset the kernel reports is driver-defined, so it is taken on trust; and
+/// all anonymous-inode files (vfio group-mode device fds) share one inode, so such a
+/// mapping replaced by another anonymous-inode mapping looks unchanged. So: call
+/// `iovmap_unregister` before unmapping or replacing registered memory (memory hot-unplug,
+/// a remapped RAMBlock), and register the new mapping afterwards.
+///
 /// Returns `IOVMAP_OK`, `IOVMAP_E_INVALID_ARGUMENT` (NULL remapper, negative or closed
 /// fd) or `IOVMAP_E_INVALID_REGION` (the message says what is wrong). On error nothing
 /// is registered.
@@ -247,7 +265,12 @@ pub unsafe extern "C" fn iovmap_unregister(r: *mut IovmapRemapper, addr: *const 
     guard(F, || {
         // SAFETY: `r` is NULL or a live remapper nobody else uses meanwhile (contract).
         let r = unsafe { r.as_mut() }.ok_or_else(|| Failure::argument(F, "the remapper is NULL"))?;
-        r.inner.unregister(addr.cast())?;
+        let id = r.inner.regions().find(|g| g.addr == addr.cast()).map(|g| g.id).ok_or_else(|| Failure {
+            code: IOVMAP_E_INVALID_REGION,
+            message: format!("{F}: no region is registered at {addr:p}: pass the address given to iovmap_register"),
+            index: None,
+        })?;
+        r.inner.unregister(id)?;
         Ok(())
     })
 }
@@ -259,7 +282,9 @@ pub unsafe extern "C" fn iovmap_unregister(r: *mut IovmapRemapper, addr: *const 
 /// mapping become one run (one syscall). Every boundary between runs must be on a page
 /// boundary (the huge page size for hugetlbfs) on both sides; the first iovec may start,
 /// and the last end, mid-page, and `iovmap_view_ptr` then points into the first page.
-/// `flags` is 0 or a combination of `IOVMAP_MAP_READ_ONLY` and `IOVMAP_MAP_POPULATE`.
+/// `flags` is 0 or a combination of `IOVMAP_MAP_READ_ONLY`, `IOVMAP_MAP_POPULATE` and
+/// `IOVMAP_MAP_RAISE_SOURCE_PROTECTION`. Without the last, the view allows no more than
+/// each source mapping: a read-write view of a read-only mapping is refused.
 ///
 /// Returns `IOVMAP_OK`, or a negative `IOVMAP_E_*` code with `*out` set to NULL (when
 /// `out` is not NULL) and nothing mapped; `iovmap_last_error_index` names the iovec at
@@ -289,7 +314,8 @@ pub unsafe extern "C" fn iovmap_map(
             return Err(Failure::argument(
                 F,
                 format!(
-                    "unknown flags {:#x}: pass IOVMAP_MAP_READ_ONLY and/or IOVMAP_MAP_POPULATE",
+                    "unknown flags {:#x}: pass IOVMAP_MAP_READ_ONLY, IOVMAP_MAP_POPULATE and/or \
+                     IOVMAP_MAP_RAISE_SOURCE_PROTECTION",
                     flags & !KNOWN_FLAGS
                 ),
             ));
@@ -308,16 +334,25 @@ pub unsafe extern "C" fn iovmap_map(
             // non-negative int, so the slice is far below isize::MAX bytes.
             unsafe { std::slice::from_raw_parts(iov, count) }
         };
-        let access = if flags & IOVMAP_MAP_READ_ONLY != 0 { Access::ReadOnly } else { Access::ReadWrite };
-        let opts = MapOptions { access, populate: flags & IOVMAP_MAP_POPULATE != 0 };
-        let view = r.inner.map_with(iovs, &opts)?;
+        let mut opts = MapOptions::new();
+        if flags & IOVMAP_MAP_READ_ONLY != 0 {
+            opts = opts.read_only();
+        }
+        if flags & IOVMAP_MAP_POPULATE != 0 {
+            opts = opts.populate();
+        }
+        if flags & IOVMAP_MAP_RAISE_SOURCE_PROTECTION != 0 {
+            opts = opts.raise_source_protection();
+        }
+        let view = r.inner.map_with(iovs, opts)?;
         *out = Box::into_raw(Box::new(IovmapView { inner: view }));
         Ok(())
     })
 }
 
 /// The first byte of the view (the first byte of the first iovec's memory, seen
-/// through the view), or NULL when `v` is NULL. Valid until `iovmap_view_free`.
+/// through the view), or NULL when `v` is NULL. Valid until `iovmap_view_free`. A
+/// write through a view mapped with `IOVMAP_MAP_READ_ONLY` faults (SIGSEGV).
 ///
 /// # Safety
 /// `v` is NULL or a live view, not being freed meanwhile.
@@ -325,7 +360,7 @@ pub unsafe extern "C" fn iovmap_map(
 pub unsafe extern "C" fn iovmap_view_ptr(v: *const IovmapView) -> *mut c_void {
     guard_value("iovmap_view_ptr", ptr::null_mut(), || {
         // SAFETY: `v` is NULL or a live view (contract).
-        unsafe { v.as_ref() }.map_or(ptr::null_mut(), |v| v.inner.as_ptr().cast())
+        unsafe { v.as_ref() }.map_or(ptr::null_mut(), |v| v.inner.as_ptr().cast_mut().cast())
     })
 }
 

@@ -292,7 +292,7 @@ fn null_pointers_negative_counts_and_unknown_flags_are_errors() {
     // SAFETY: as above.
     bad(unsafe { iovmap_map(r.0, list.as_ptr(), c_int::MIN, 0, &mut out) }, "iovcnt is negative");
     // SAFETY: as above.
-    bad(unsafe { iovmap_map(r.0, list.as_ptr(), 1, 1 << 2, &mut out) }, "unknown flags 0x4");
+    bad(unsafe { iovmap_map(r.0, list.as_ptr(), 1, 1 << 3, &mut out) }, "unknown flags 0x8");
     // SAFETY: as above.
     bad(unsafe { iovmap_map(r.0, list.as_ptr(), 1, 0x8000_0001, &mut out) }, "unknown flags 0x80000000");
     // An iovec array at an odd address.
@@ -426,26 +426,66 @@ fn a_writable_view_of_read_only_memory_is_not_writable() {
     let map = Mapping::new(4 * page(), libc::PROT_READ, libc::MAP_SHARED, Some(ro.as_fd()), 0).unwrap();
     let list = [ram.iov(0, page()), map.iov(2 * page(), page())];
     let r = Remapper::new();
+    // The source is read-only: a read-write view would grant more. The message names the
+    // C flags, not Rust items.
     let rc = r.map(&list, 0).err().unwrap();
-    assert_error(rc, IOVMAP_E_NOT_WRITABLE, 1, &["segment 1", "cannot be written"]);
+    assert_error(rc, IOVMAP_E_NOT_WRITABLE, 1, &["segment 1", "read-only", "IOVMAP_MAP_READ_ONLY"]);
+    assert_error(rc, IOVMAP_E_NOT_WRITABLE, 1, &["IOVMAP_MAP_RAISE_SOURCE_PROTECTION"]);
+    // Asked to raise it, the backing refuses: the fd is read-only.
+    let rc = r.map(&list, IOVMAP_MAP_RAISE_SOURCE_PROTECTION).err().unwrap();
+    assert_error(rc, IOVMAP_E_NOT_WRITABLE, 1, &["segment 1", "cannot be written", "IOVMAP_MAP_READ_ONLY"]);
     let view = r.map(&list, IOVMAP_MAP_READ_ONLY).unwrap();
     view.assert_matches(&list);
 }
 
 #[test]
+fn a_registration_must_describe_the_memory_it_names() {
+    let ram = GuestRam::new(8 * page()).unwrap();
+    let other = GuestRam::new(8 * page()).unwrap();
+    let (pipe, _w) = kit::pipe().unwrap();
+    let r = Remapper::new();
+    let rc = r.register(ram.ptr(), 4 * page(), pipe.as_raw_fd(), 0);
+    assert_error(rc, IOVMAP_E_INVALID_REGION, -1, &["is not the fd's file", "pass the fd the range was mapped from"]);
+    let rc = r.register(ram.ptr(), 4 * page(), other.fd().as_raw_fd(), 0);
+    assert_error(rc, IOVMAP_E_INVALID_REGION, -1, &["is not the fd's file"]);
+    let rc = r.register(ram.ptr(), 4 * page(), ram.fd().as_raw_fd(), page() as u64);
+    assert_error(rc, IOVMAP_E_INVALID_REGION, -1, &["at offset 0x0, not at the registered"]);
+    // Registered right, then replaced under the registration (the memory re-mapped
+    // from another file without iovmap_unregister): the map refuses the stale segment.
+    assert_eq!(r.register(ram.ptr(), 4 * page(), ram.fd().as_raw_fd(), 0), IOVMAP_OK.raw());
+    let list = [ram.iov(0, page()), ram.iov(2 * page(), page())];
+    drop(r.map(&list, 0).unwrap());
+    // SAFETY: replaces pages 2-3 of our own fixture with a mapping of the other memfd.
+    let p = unsafe {
+        libc::mmap(
+            ram.ptr().add(2 * page()).cast(),
+            2 * page(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            other.fd().as_raw_fd(),
+            0,
+        )
+    };
+    assert_eq!(p, ram.ptr().wrapping_add(2 * page()).cast());
+    let rc = r.map(&list, 0).err().unwrap();
+    assert_error(rc, IOVMAP_E_INVALID_REGION, 1, &["segment 1", "is not the file registered there", "unregister"]);
+    assert_eq!(r.unregister(ram.ptr()), IOVMAP_OK.raw());
+}
+
+#[test]
 fn other_kernel_failures_are_os_errors() {
-    use iovmap_core::fault::{Faults, Syscall};
+    use iovmap_core::fault::{Faults, Operation};
     let ram = GuestRam::new(8 * page()).unwrap();
     let list = [ram.iov(0, page()), ram.iov(4 * page(), page())];
     let r = Remapper::new();
     // The second clone fails with EIO (injected: the kernel has no reason to).
-    let faults = Faults::new().fail(Syscall::Clone, 1, libc::EIO);
+    let faults = Faults::new().fail(Operation::Clone, 1, libc::EIO);
     let rc = r.map(&list, 0).err().unwrap();
     assert!(faults.fired());
     drop(faults);
     assert_error(rc, IOVMAP_E_OS, 1, &["mremap failed for segment 1", "Input/output error"]);
     // The reservation failing names no segment.
-    let faults = Faults::new().fail(Syscall::Reserve, 0, libc::EAGAIN);
+    let faults = Faults::new().fail(Operation::Reserve, 0, libc::EAGAIN);
     let rc = r.map(&list, 0).err().unwrap();
     drop(faults);
     assert_error(rc, IOVMAP_E_OS, -1, &["reservation"]);

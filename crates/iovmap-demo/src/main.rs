@@ -91,7 +91,7 @@ fn map_verify_compare(
     let t = Instant::now();
     let view = map()?;
     let took = t.elapsed();
-    let s = view.stats().clone();
+    let s = *view.stats();
     report.lines.push(format!(
         "iovmap:     segments {}  runs {}  cloned {}  fd_mapped {}  syscalls {}  time {:.2} ms",
         s.segments,
@@ -169,7 +169,7 @@ fn memfd_mode(args: &Args, report: &mut Report) -> Result<(), Box<dyn std::error
             let mut remapper = Remapper::new();
             remapper.register(ring.map.ptr(), ring.map.len(), ring.fd(), 0)?;
             let view = remapper.map(&list)?;
-            let s = view.stats().clone();
+            let s = *view.stats();
             let checked = verify(&view, &list)?;
             let naive = naive.err().map_or("ok".to_string(), |e| format!("fails: {e}"));
             report.lines.push(format!(
@@ -252,10 +252,10 @@ fn vm_memory_mode(args: &Args, report: &mut Report) -> Result<(), Box<dyn std::e
         .iter()
         .map(|&(gpa, len)| Ok(kit::iov(mem.get_host_address(gpa)?, len)))
         .collect::<Result<_, vm_memory::GuestMemoryError>>()?;
-    map_verify_compare(|| remapper.map_guest(&mem, &blob, &iovmap::MapOptions::default()), &iovs, report)?;
+    map_verify_compare(|| remapper.map_guest(&mem, &blob, iovmap::MapOptions::new()), &iovs, report)?;
 
     // Through vm-memory's own accessors: the view is a VolatileSlice.
-    let view = remapper.map_guest(&mem, &blob, &iovmap::MapOptions::default())?;
+    let view = remapper.map_guest(&mem, &blob, iovmap::MapOptions::new())?;
     let slice = view.as_volatile_slice();
     let last = blob.last().expect("a non-empty blob");
     let offset = view.len() - last.1;

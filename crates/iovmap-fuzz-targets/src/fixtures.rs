@@ -135,14 +135,29 @@ fn file_id(fd: BorrowedFd<'_>) -> FileId {
     FileId { dev: st.st_dev, ino: st.st_ino }
 }
 
-/// The VMAs of `[start, end)`, read from /proc/self/maps with a reader of this file's own
-/// (start, end, perms): the model is not built with the parser it fuzzes.
-fn kernel_vmas(start: usize, end: usize) -> Vec<(usize, usize, i32, bool)> {
+/// A VMA of the arena as /proc/self/maps shows it.
+struct KernelVma {
+    start: usize,
+    end: usize,
+    prot: i32,
+    shared: bool,
+    /// File offset of `start`.
+    offset: u64,
+    file: FileId,
+}
+
+/// The VMAs of `[start, end)`, read from /proc/self/maps with a reader of this file's own:
+/// the model is not built with the parser it fuzzes.
+fn kernel_vmas(start: usize, end: usize) -> Vec<KernelVma> {
     let text = std::fs::read_to_string("/proc/self/maps").unwrap();
     let mut out = Vec::new();
     for line in text.lines() {
         let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else { continue };
+        let (Some(range), Some(perms), Some(off), Some(dev), Some(ino)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
         let (s, e) = range.split_once('-').unwrap();
         let (s, e) = (usize::from_str_radix(s, 16).unwrap(), usize::from_str_radix(e, 16).unwrap());
         if e <= start || s >= end {
@@ -152,7 +167,14 @@ fn kernel_vmas(start: usize, end: usize) -> Vec<(usize, usize, i32, bool)> {
         let prot = (if p[0] == b'r' { libc::PROT_READ } else { 0 })
             | (if p[1] == b'w' { libc::PROT_WRITE } else { 0 })
             | (if p[2] == b'x' { libc::PROT_EXEC } else { 0 });
-        out.push((s.max(start), e.min(end), prot, p[3] == b's'));
+        let (major, minor) = dev.split_once(':').unwrap();
+        let file = FileId::new(
+            u32::from_str_radix(major, 16).unwrap(),
+            u32::from_str_radix(minor, 16).unwrap(),
+            ino.parse().unwrap(),
+        );
+        let offset = u64::from_str_radix(off, 16).unwrap() + (s.max(start) - s) as u64;
+        out.push(KernelVma { start: s.max(start), end: e.min(end), prot, shared: p[3] == b's', offset, file });
     }
     out
 }
@@ -268,7 +290,7 @@ impl World {
         };
         let mut vmas = Vec::new();
         let mut kinds = Vec::new();
-        for (s, e, prot, shared) in kernel_vmas(base, end) {
+        for KernelVma { start: s, end: e, prot, shared, offset, file } in kernel_vmas(base, end) {
             let kind = kind_at(s);
             assert!(
                 fixtures.iter().all(|f| f.start >= e || f.start + f.len <= s || (f.start <= s && e <= f.start + f.len)),
@@ -276,7 +298,7 @@ impl World {
             );
             assert_eq!(shared, !matches!(kind, Kind::Guard | Kind::Private), "[{s:#x}, {e:#x}) {kind:?}");
             let page_size = if kind == Kind::Huge { HUGE } else { P };
-            vmas.push(Vma { start: s, end: e, prot, shared, page_size, ..Default::default() });
+            vmas.push(Vma { start: s, end: e, prot, shared, page_size, offset, file });
             kinds.push(kind);
         }
         assert_eq!((vmas.first().unwrap().start, vmas.last().unwrap().end), (base, end), "the arena has holes");
@@ -340,7 +362,7 @@ impl World {
         let r = w.remapper();
         let mappable: Vec<(usize, usize, u64)> =
             w.spans.iter().filter(|s| s.mappable).map(|s| (s.start, s.end - s.start, s.offset)).collect();
-        assert_eq!(r.regions().map(|(a, l, o)| (a as usize, l, o)).collect::<Vec<_>>(), mappable);
+        assert_eq!(r.regions().map(|g| (g.addr as usize, g.len, g.offset)).collect::<Vec<_>>(), mappable);
         w
     }
 
@@ -355,14 +377,14 @@ impl World {
                     let f = self.fixtures[*fixture];
                     let page_size = if f.kind == Kind::Huge { HUGE } else { P };
                     let file = file_id(self.files[*fd].as_fd());
-                    spans.push(RegionSpan {
+                    spans.push(self.seen(RegionSpan {
                         start: f.start,
                         end: f.start + f.len,
                         offset: *offset,
                         file,
                         page_size,
-                        mappable: true,
-                    });
+                        ..RegionSpan::default()
+                    }));
                     kinds.push(f.kind);
                 }
                 Registration::Vfio { fixture, fd, info } => {
@@ -371,14 +393,14 @@ impl World {
                     let mut cursor = 0u64;
                     let mut last: Option<RegionSpan> = None;
                     for &(off, len) in info.sparse_areas.as_deref().unwrap() {
-                        let span = RegionSpan {
+                        let span = self.seen(RegionSpan {
                             start: f.start + off as usize,
                             end: f.start + (off + len) as usize,
                             offset: info.offset + off,
                             file,
                             page_size: P,
-                            mappable: true,
-                        };
+                            ..RegionSpan::default()
+                        });
                         if off > cursor {
                             spans.push(RegionSpan {
                                 start: f.start + cursor as usize,
@@ -400,6 +422,12 @@ impl World {
         let mut both: Vec<(RegionSpan, Kind)> = spans.into_iter().zip(kinds).collect();
         both.sort_by_key(|(s, _)| s.start);
         both.into_iter().unzip()
+    }
+
+    /// `span` with what the kernel reports mapped at its start, as registration records it.
+    fn seen(&self, span: RegionSpan) -> RegionSpan {
+        let v = self.vmas.iter().find(|v| v.start <= span.start && span.start < v.end).expect("a registered VMA");
+        RegionSpan { mapped_file: v.file, mapped_offset: v.offset + (span.start - v.start) as u64, ..span }
     }
 
     /// A remapper with everything registered.

@@ -4,13 +4,19 @@
 //! `arbitrary` and panics when an invariant breaks; `docs/fuzzing.md` says what each one
 //! checks and how the reference model works.
 
+//! The view target needs iovmap's fault injection: it is built with this crate's
+//! `fault-injection` feature only (its tests and fuzz/ enable it).
+
+#[cfg(feature = "fault-injection")]
 pub mod fixtures;
 pub mod maps_target;
 pub mod model;
 pub mod plan_target;
 pub mod run;
+#[cfg(feature = "fault-injection")]
 pub mod view_target;
 
 pub use maps_target::maps;
 pub use plan_target::plan;
+#[cfg(feature = "fault-injection")]
 pub use view_target::view;

@@ -11,7 +11,9 @@
 //! 3. Each segment is cut into *pieces* at every VMA boundary and every registered-region
 //!    boundary. At the first byte of each piece, in this order: a hole of a device
 //!    region is `DeviceHole`, an address with no VMA is `NotMapped`, a private VMA is
-//!    `NotShareable` (all naming the segment).
+//!    `NotShareable`, and a piece of a registered region whose VMA does not map what was
+//!    registered there (another file, or the file at another offset) is `StaleRegion`
+//!    (all naming the segment).
 //! 4. A piece joins the open run when it has the run's page size and the run *with* it
 //!    can still be placed by one clone (every piece in one VMA, each starting where the
 //!    previous ended) or by one fd mapping (every piece in a registered region of one
@@ -25,7 +27,9 @@
 //!    the largest of the VMA's, the region's and the base page.
 //! 6. The first run is mapped from the page boundary below its first byte (`lead`),
 //!    which must lie in the same VMA and the same region, or gap between regions.
-//! 7. After the list: no bytes at all is `Empty`; the last run is mapped to a whole
+//! 7. A run allows what every one of its pieces' VMAs allows (the AND of their
+//!    protections), and the plan what all its runs allow.
+//! 8. After the list: no bytes at all is `Empty`; the last run is mapped to a whole
 //!    number of its pages, the tail going on from its last piece, which must lie in
 //!    the VMA and the region (or gap) of its last piece (else `Unaligned` naming that
 //!    piece's segment); a reservation beyond `isize::MAX` is `TooLarge`.
@@ -68,6 +72,8 @@ pub enum Refusal {
     Unaligned(usize),
     /// A hole of a device region.
     DeviceHole(usize),
+    /// A registered region whose mapping is no longer what was registered.
+    StaleRegion(usize),
 }
 
 impl Refusal {
@@ -79,7 +85,8 @@ impl Refusal {
             (Refusal::NotMapped(i), E::NotMapped { index })
             | (Refusal::NotShareable(i), E::NotShareable { index })
             | (Refusal::Unaligned(i), E::Unaligned { index })
-            | (Refusal::DeviceHole(i), E::DeviceHole { index }) => i == *index,
+            | (Refusal::DeviceHole(i), E::DeviceHole { index })
+            | (Refusal::StaleRegion(i), E::StaleRegion { index, .. }) => i == *index,
             _ => false,
         }
     }
@@ -227,6 +234,13 @@ pub fn plan(t: &Table<'_>, iovs: &[(usize, usize)]) -> Result<ModelPlan, Refusal
             if !t.vmas[vma].shared {
                 return Err(Refusal::NotShareable(i));
             }
+            if let Some(r) = region.map(|r| t.regions[r]) {
+                let v = t.vmas[vma];
+                let seen = v.offset.wrapping_add((at - v.start) as u64);
+                if v.file != r.mapped_file || seen != r.mapped_offset.wrapping_add((at - r.start) as u64) {
+                    return Err(Refusal::StaleRegion(i));
+                }
+            }
             let window = t.vmas[vma].end.min(region_end);
             let piece = Piece { seg: i, start: at, end: end.min(window), vma, region, window };
             at = piece.end;
@@ -268,7 +282,7 @@ pub fn plan(t: &Table<'_>, iovs: &[(usize, usize)]) -> Result<ModelPlan, Refusal
             laid += piece.end - piece.start;
         }
     }
-    // Rule 7.
+    // Rule 8.
     if total == 0 {
         return Err(Refusal::Empty);
     }
@@ -326,11 +340,13 @@ pub fn assert_same_plan(t: &Table<'_>, got: &iovmap::plan::Plan, want: &ModelPla
             vma: g.vma, // an identity: compared below
             fd: w.fd.map(|(region, offset)| FdSource { region, offset }),
             page_size: w.page_size,
-            prot: t.vmas[first.vma].prot & 0xff,
+            // Rule 7.
+            prot: w.pieces.iter().fold(0xff, |all, p| all & t.vmas[p.vma].prot),
             first: first.seg,
         };
         assert_eq!(*g, expect, "run {k} differs\nplanner: {runs:#x?}\nmodel: {want:#x?}");
     }
+    assert_eq!(got.prot, runs.iter().fold(!0, |all, r| all & r.prot), "the plan's protection (rule 7)");
     // `vma` identifies the source VMA of a run's first piece: equal exactly when the VMAs are.
     for (a, wa) in runs.iter().zip(&want.runs) {
         for (b, wb) in runs.iter().zip(&want.runs) {
@@ -383,7 +399,7 @@ fn clonability(k: Known) -> Clonability {
     match k {
         Known::Unknown => Clonability::Unknown,
         Known::Clones => Clonability::Clones,
-        Known::Refused => Clonability::Refused,
+        Known::Refused => Clonability::Refused(libc::EFAULT),
     }
 }
 

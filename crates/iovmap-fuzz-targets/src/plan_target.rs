@@ -13,6 +13,11 @@
 use arbitrary::{Arbitrary, Unstructured};
 use iovmap::plan::{FileId, RegionSpan, Vma};
 
+/// Every VMA maps one notional file, at file offset = address (so any region over any
+/// stretch of VMAs is consistent), unless it was replaced by another file's mapping.
+const MAPPED: FileId = FileId { dev: 7, ino: 7 };
+const REPLACED: FileId = FileId { dev: 7, ino: 8 };
+
 use crate::model::{self, Known, Table};
 
 const MAX_VMAS: usize = 8;
@@ -38,6 +43,8 @@ struct VmaSpec {
     pages: u8,
     page: u8,
     private: bool,
+    /// Low 3 bits: `PROT_*`; high 5 bits all set (1 in 32): the mapping was replaced by
+    /// another file's since the regions over it were registered (they are stale there).
     prot: u8,
     /// The kernel refuses to clone it (a device or hugetlbfs mapping).
     refuses: bool,
@@ -53,7 +60,8 @@ struct RegionSpec {
     /// File offset, in its pages.
     offset: u16,
     hole: bool,
-    /// What the map path knows of it before the call.
+    /// What the map path knows of it before the call (mod 3); 252 and up (1 in 64):
+    /// registered at the wrong offset (what a registration made before a remap records).
     known: u8,
     /// Registered before the VMAs under it were replaced by ones with larger pages: its
     /// alignment is its file's only.
@@ -161,7 +169,7 @@ fn build_vmas(input: &Input, base_shift: u32) -> (Vec<Vma>, Vec<bool>) {
                 continue;
             }
             let page_size = 1usize << (u32::from(*shift) % 40).max(base_shift);
-            vmas.push(Vma { start, end, prot: 3, shared: !private, page_size, ..Default::default() });
+            vmas.push(Vma { start, end, prot: 3, shared: !private, page_size, offset: start as u64, file: MAPPED });
             refuses.push(*r);
         }
         return (vmas, refuses);
@@ -182,7 +190,8 @@ fn build_vmas(input: &Input, base_shift: u32) -> (Vec<Vma>, Vec<bool>) {
         let pages = usize::from(spec.pages % 32) + 1;
         let Some(end) = start.checked_add(pages * page) else { break };
         let prot = i32::from(spec.prot % 8) | libc::PROT_READ;
-        vmas.push(Vma { start, end, prot, shared: !spec.private, page_size: page, ..Default::default() });
+        let file = if spec.prot & 0xf8 == 0xf8 { REPLACED } else { MAPPED };
+        vmas.push(Vma { start, end, prot, shared: !spec.private, page_size: page, offset: start as u64, file });
         refuses.push(spec.refuses);
         at = end;
     }
@@ -221,6 +230,7 @@ fn build_regions(input: &Input, vmas: &[Vma], base_shift: u32) -> (Vec<RegionSpa
         if regions.iter().any(|(r, _)| r.start < end && start < r.end) {
             continue;
         }
+        let misregistered = if spec.known >= 252 { page as u64 } else { 0 };
         let span = RegionSpan {
             start,
             end,
@@ -228,6 +238,9 @@ fn build_regions(input: &Input, vmas: &[Vma], base_shift: u32) -> (Vec<RegionSpa
             file: FileId { dev: 1, ino: file as u64 },
             page_size: page,
             mappable: !spec.hole,
+            mapped_file: MAPPED,
+            mapped_offset: (start as u64).wrapping_add(misregistered),
+            ..RegionSpan::default()
         };
         let known = match spec.known % 3 {
             0 => Known::Unknown,

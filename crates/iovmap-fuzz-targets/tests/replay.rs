@@ -84,6 +84,7 @@ fn plan_corpus_reaches_every_outcome() {
         "NotShareable",
         "Unaligned",
         "DeviceHole",
+        "StaleRegion",
         "clone or fd",
         "clone only",
         "fd only",
@@ -120,13 +121,16 @@ fn plan_of(w: &World) -> Result<iovmap::plan::Plan, iovmap::Error> {
 /// such a list is `Unaligned`, and no run ever covers a hole.
 #[test]
 fn a_lead_never_reaches_back_into_a_hole() {
-    let span = |start, end, mappable| RegionSpan {
+    // Registered over a VMA at file offset 0 from address 0: its mapping is at offset `start`.
+    let span = |start: usize, end, mappable| RegionSpan {
         start,
         end,
         offset: 0,
         file: FileId { dev: 1, ino: 1 },
         page_size: P,
         mappable,
+        mapped_offset: start as u64,
+        ..RegionSpan::default()
     };
     let mut w = world(
         vec![Vma { start: 0, end: 0x10_0000, prot: 3, shared: true, page_size: 0x4000, ..Default::default() }],
@@ -158,13 +162,14 @@ fn a_lead_never_reaches_back_into_a_hole() {
 /// number of its pages.
 #[test]
 fn a_hop_into_a_region_aligned_below_the_run_page_size() {
-    let span = |start, end| RegionSpan {
+    let span = |start: usize, end| RegionSpan {
         start,
         end,
         offset: 0x14c_0000,
         file: FileId { dev: 1, ino: 2 },
         page_size: 0x4000,
-        mappable: true,
+        mapped_offset: start as u64,
+        ..RegionSpan::default()
     };
     let w = world(
         vec![Vma { start: 0, end: 0x100_0000, prot: 3, shared: true, page_size: 0x8000, ..Default::default() }],

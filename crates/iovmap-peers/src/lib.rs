@@ -6,6 +6,8 @@
 //! - [`bounce_copy`]: a memcpy of every iovec into one buffer, what a VMM does when it
 //!   does not remap at all. Tests also use it as the reference for a view's bytes.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 

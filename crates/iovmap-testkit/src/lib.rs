@@ -7,6 +7,8 @@
 //! A fixture this machine cannot provide returns [`Unavailable`] with the reason, which
 //! tests print when they skip (see [`skip!`]).
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -323,6 +325,17 @@ pub fn file_private(len: usize) -> io::Result<(File, Mapping)> {
     file.set_len(len as u64)?;
     let m = Mapping::new(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, Some(file.as_fd()), 0)?;
     Ok((file, m))
+}
+
+/// A pipe (close-on-exec), as `(read end, write end)`: an fd that maps nothing.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: two fresh descriptors nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Duplicates an fd as an `OwnedFd`.

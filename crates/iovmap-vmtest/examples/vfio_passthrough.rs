@@ -20,7 +20,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use iovmap::{Access, MapOptions, Remapper};
+use iovmap::{MapOptions, Remapper};
 use iovmap_vmtest::device::{self, BarMapping, Device, Region};
 use iovmap_vmtest::mem::{SharedRam, page};
 use iovmap_vmtest::pattern;
@@ -154,19 +154,19 @@ fn run(bdf: &str, verify_bar: bool, per_bar: usize) -> Result<(), String> {
         })
         .collect();
     let writable = bars.iter().all(|b| b.region.flags & device::VFIO_REGION_INFO_FLAG_WRITE != 0);
-    let opts = MapOptions { access: if writable { Access::ReadWrite } else { Access::ReadOnly }, populate: false };
+    let opts = if writable { MapOptions::new() } else { MapOptions::new().read_only() };
     println!(
         "scatter list: {} pages ({n_bar} from {} BAR(s), {} from RAM), view {:?}",
         list.len(),
         bars.len(),
         list.len() - n_bar,
-        opts.access
+        opts.access()
     );
     for attempt in ["first view", "second view"] {
         let t = Instant::now();
-        let view = remapper.map_with(&iov, &opts).map_err(|e| format!("map: {e}"))?;
+        let view = remapper.map_with(&iov, opts).map_err(|e| format!("map: {e}"))?;
         let took = t.elapsed();
-        let s = view.stats().clone();
+        let s = *view.stats();
         println!(
             "{attempt}: {:#x} bytes at {:p} in {} us: {} segments -> {} runs: {} cloned (RAM), {} fd-mapped (BAR), \
              {} syscalls",

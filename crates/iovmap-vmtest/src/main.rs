@@ -15,7 +15,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use iovmap::{Access, Error, MapOptions, MapStats, Remapper, View};
+use iovmap::vfio::RegionInfoError;
+use iovmap::{Error, MapOptions, MapStats, RegionError, Remapper, View};
 use iovmap_vmtest::device::{self, BarMapping, Device};
 use iovmap_vmtest::layout::{self, Expect, Piece, Rng, Src};
 use iovmap_vmtest::mem::{self, SharedRam, page};
@@ -390,11 +391,11 @@ impl Guest {
     fn registration(&self, remapper: &mut Remapper, c: &mut Checks) {
         let r2 = self.dev.region(2);
         let res = remapper.register_vfio_region(&self.dev.device, 2, self.bar.ptr());
-        let regions: Vec<_> = remapper.regions().collect();
+        let regions: Vec<_> = remapper.regions().map(|g| (g.addr, g.len, g.offset)).collect();
         c.check(
             "register-bar2",
             match res {
-                Ok(()) if regions == [(self.bar.ptr() as *const u8, r2.size as usize, r2.offset)] => Ok(format!(
+                Ok(_) if regions == [(self.bar.ptr() as *const u8, r2.size as usize, r2.offset)] => Ok(format!(
                     "register_vfio_region(&device, 2, bar2): one region {:#x} bytes at fd offset {:#x}",
                     r2.size, r2.offset
                 )),
@@ -406,11 +407,15 @@ impl Guest {
         c.check(
             "register-refuses-bad-input",
             match (&again, &shifted) {
-                (Err(Error::InvalidRegion { reason: a }), Err(Error::InvalidRegion { reason: b }))
-                    if a.contains("overlaps") && (b.contains("not mapped") || b.contains("private mapping")) =>
-                {
-                    Ok(format!("twice: \"{a}\"; one page off: \"{b}\""))
-                }
+                (
+                    Err(a @ Error::InvalidRegion { kind: RegionError::Overlap { .. }, .. }),
+                    Err(
+                        b @ Error::InvalidRegion {
+                            kind: RegionError::NotMapped { .. } | RegionError::Private { .. } | RegionError::NotTheFile { .. },
+                            ..
+                        },
+                    ),
+                ) => Ok(format!("twice: \"{a}\"; one page off: \"{b}\"")),
                 _ => Err(format!("twice: {again:?}; one page off: {shifted:?}")),
             },
         );
@@ -431,17 +436,17 @@ impl Guest {
             let r = Remapper::new().register_vfio_region(&self.dev.device, 0, self.bar.ptr());
             c.info(format_args!(
                 "ivshmem BAR0 is mmappable here ({bar0}); registering it (at any address) gives: {}",
-                r.as_ref().map_or_else(|e| e.to_string(), |()| "Ok".into())
+                r.as_ref().map_or_else(|e| e.to_string(), |_| "Ok".into())
             ));
         }
         for index in regions {
             let mut r = Remapper::new();
             let res = r.register_vfio_region(&self.dev.device, index, self.bar.ptr());
             match &res {
-                Err(Error::InvalidRegion { reason })
-                    if reason.contains("VFIO_REGION_INFO_FLAG_MMAP") && r.regions().count() == 0 =>
+                Err(e @ Error::InvalidRegion { kind: RegionError::Vfio(RegionInfoError::NotMmappable { .. }), .. })
+                    if r.regions().count() == 0 =>
                 {
-                    tried.push(format!("region {index} (flags {:#x}): \"{reason}\"", self.dev.region(index).flags));
+                    tried.push(format!("region {index} (flags {:#x}): \"{e}\"", self.dev.region(index).flags));
                 }
                 other => bad.push(format!("region {index}: {other:?}")),
             }
@@ -514,8 +519,9 @@ impl Guest {
     fn write_view(view: &View, list: &[Piece], seed: u64) {
         let mut voff = 0;
         for p in list {
+            let base = view.as_mut_ptr().expect("written views are read-write");
             // SAFETY: a read-write view, live; `[voff, voff + len)` is inside it.
-            unsafe { pattern::fill(view.as_ptr().add(voff), p.len, seed, p.off as u64) };
+            unsafe { pattern::fill(base.add(voff), p.len, seed, p.off as u64) };
             voff += p.len;
         }
     }
@@ -536,7 +542,7 @@ impl Guest {
             }
         };
         let took = t.elapsed();
-        let s = view.stats().clone();
+        let s = *view.stats();
         c.check(
             "rw-view-stats",
             Self::stats_match(&s, e).and_then(|()| self.syscalls_match(&s, list, true)).and_then(|how| {
@@ -582,7 +588,7 @@ impl Guest {
         c.check(
             "later-view",
             res.map_err(|e| e.to_string()).and_then(|view| {
-                let s = view.stats().clone();
+                let s = *view.stats();
                 Self::stats_match(&s, layout::expect(list))?;
                 self.view_matches_sources(&view, list)?;
                 Self::view_holds(&view, list, Self::initial)?;
@@ -594,15 +600,15 @@ impl Guest {
 
     fn read_only_view(&self, remapper: &Remapper, c: &mut Checks) {
         let list = &layout::RO_LIST;
-        let opts = MapOptions { access: Access::ReadOnly, populate: true };
-        let view = match remapper.map_with(&self.iov(list), &opts) {
+        let opts = MapOptions::new().read_only().populate();
+        let view = match remapper.map_with(&self.iov(list), opts) {
             Ok(v) => v,
             Err(e) => {
                 c.fail("ro-view", format_args!("map_with(ReadOnly, populate) failed: {e}"));
                 return;
             }
         };
-        let s = view.stats().clone();
+        let s = *view.stats();
         c.check(
             "ro-view-bytes",
             Self::stats_match(&s, layout::expect(list)).and_then(|()| self.syscalls_match(&s, list, false)).and_then(
@@ -624,7 +630,7 @@ impl Guest {
         let mut voff = 0;
         for p in list.iter().take(2) {
             // SAFETY: `voff` is inside the live view, which this function owns; single-threaded here.
-            let r = unsafe { mem::write_faults(view.as_ptr().add(voff)) };
+            let r = unsafe { mem::write_faults(view.as_ptr().cast_mut().add(voff)) };
             results.push((p.src, r.map_err(|e| e.to_string())));
             voff += p.len;
         }
@@ -648,7 +654,7 @@ impl Guest {
         c.check(
             "fragmented-view",
             res.map_err(|e| e.to_string()).and_then(|view| {
-                let s = view.stats().clone();
+                let s = *view.stats();
                 Self::stats_match(&s, e)?;
                 self.syscalls_match(&s, &list, false)?;
                 self.view_matches_sources(&view, &list)?;
@@ -672,7 +678,8 @@ impl Guest {
                 return;
             }
         };
-        let r = remapper.unregister(self.bar.ptr());
+        let bar = remapper.regions().find(|g| g.addr == self.bar.ptr().cast_const()).map(|g| g.id);
+        let r = bar.map(|id| remapper.unregister(id));
         let left = remapper.regions().count();
         let after = remapper.map(&self.iov(&list[1..2])).map(drop);
         Self::write_view(&view, list, layout::SEED_VIA_VIEW);
@@ -681,7 +688,7 @@ impl Guest {
         c.check(
             "unregister",
             match (&r, left, &after, &aliased) {
-                (Ok(()), 0, Err(Error::NoFallback { index: 0, .. }), Ok(())) => {
+                (Some(Ok(())), 0, Err(Error::NoFallback { index: 0, .. }), Ok(())) => {
                     Ok("unregister(bar2): no regions left, a new BAR view -> NoFallback, the view built before still \
                      aliases the BAR and RAM both ways"
                         .into())
@@ -1012,11 +1019,11 @@ fn nvme(bdf: &str, ram: &SharedRam, c: &mut Checks) {
                     ]
                 })
                 .collect();
-            let res = remapper.map_with(&around, &MapOptions { access: Access::ReadOnly, populate: false });
+            let res = remapper.map_with(&around, MapOptions::new().read_only());
             c.check(
                 "sparse-mmap-areas",
                 res.map_err(|e| e.to_string()).and_then(|v| {
-                    let s = v.stats().clone();
+                    let s = *v.stats();
                     if s.fd_mapped != areas.len() {
                         return Err(format!("{s:?}: want one fd run per area"));
                     }
@@ -1049,11 +1056,11 @@ fn nvme(bdf: &str, ram: &SharedRam, c: &mut Checks) {
     let table_in_hole =
         r0.sparse.as_ref().is_some_and(|a| !a.iter().any(|&(o, s)| (o..o + s).contains(&(table as u64))));
     let list = if table_in_hole || table == 0 { &list[..2] } else { &list[..] };
-    let res = remapper.map_with(list, &MapOptions { access: Access::ReadOnly, populate: false });
+    let res = remapper.map_with(list, MapOptions::new().read_only());
     c.check(
         "nvme-bar0-view",
         res.map_err(|e| e.to_string()).and_then(|v| {
-            let s = v.stats().clone();
+            let s = *v.stats();
             let bar_runs = list.len().div_ceil(2);
             if s.fd_mapped != bar_runs || s.cloned != 1 {
                 return Err(format!("{s:?}: want {bar_runs} fd runs and 1 clone"));

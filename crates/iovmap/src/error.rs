@@ -1,7 +1,99 @@
-//! The error type: one variant per way a map or a registration can fail, each naming the
-//! offending segment and saying what to do about it.
+//! The error types: one variant per way a map or a registration can fail, each naming the
+//! offending segment or region and saying what to do about it.
 
+use std::fmt;
 use std::io;
+
+use crate::regions::{FileId, RegionId};
+use crate::vfio::RegionInfoError;
+
+/// The operations iovmap asks the kernel for, as [`Error::Os`] and
+/// [`RegionError::Os`] name them (and as fault injection, in tests, targets them).
+///
+/// ```
+/// let op = iovmap::Operation::Clone;
+/// assert_eq!(op.to_string(), "mremap");
+/// ```
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// The PROT_NONE reservation of the view's address range (`mmap`).
+    Reserve,
+    /// Unmapping the over-reserved head or tail of the reservation (`munmap`).
+    Trim,
+    /// Cloning a run into the reservation (`mremap` with `old_size` 0).
+    Clone,
+    /// Learning whether a mapping can be cloned, by a clone to an address the kernel
+    /// chooses (on kernels that punch holes; see `docs/design.md`).
+    CloneProbe,
+    /// Mapping a registered fd into the reservation (`mmap` with `MAP_FIXED`).
+    FdMap,
+    /// Mapping a registered fd into a range of the reservation that a refused clone may
+    /// have unmapped (`mmap` with `MAP_FIXED_NOREPLACE`, kernels that punch holes).
+    RefillHole,
+    /// The final protection change of the view (`mprotect`).
+    Protect,
+    /// Prefaulting the view's RAM runs (`madvise(MADV_POPULATE_*)`).
+    Populate,
+    /// Asking which VMA covers an address (`ioctl(PROCMAP_QUERY)`; in errors, any VMA
+    /// lookup, `/proc/self/maps` on older kernels included).
+    VmaQuery,
+    /// Reading `/proc/self/maps` to look up VMAs, on kernels without PROCMAP_QUERY.
+    MapsRead,
+    /// Counting the process's VMAs (reading `/proc/self/maps`) to stay under
+    /// vm.max_map_count.
+    VmaCount,
+    /// `fstat`/`fstatfs` of a registered fd.
+    FileStat,
+    /// Duplicating a registered fd (`fcntl(F_DUPFD_CLOEXEC)`).
+    DupFd,
+}
+
+impl Operation {
+    /// Every operation fault injection can name, in a fixed order.
+    ///
+    /// ```
+    /// assert!(iovmap::Operation::ALL.contains(&iovmap::Operation::FdMap));
+    /// ```
+    #[cfg(feature = "fault-injection")]
+    pub const ALL: [Operation; 13] = [
+        Operation::Reserve,
+        Operation::Trim,
+        Operation::Clone,
+        Operation::CloneProbe,
+        Operation::FdMap,
+        Operation::RefillHole,
+        Operation::Protect,
+        Operation::Populate,
+        Operation::VmaQuery,
+        Operation::MapsRead,
+        Operation::VmaCount,
+        Operation::FileStat,
+        Operation::DupFd,
+    ];
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Operation::Reserve => "mmap (reservation)",
+            Operation::Trim => "munmap (reservation trim)",
+            Operation::Clone => "mremap",
+            Operation::CloneProbe => "mremap (clone probe)",
+            Operation::FdMap => "mmap",
+            Operation::RefillHole => {
+                "mmap (MAP_FIXED_NOREPLACE) into the range of a refused clone, which another thread mapped meanwhile"
+            }
+            Operation::Protect => "mprotect",
+            Operation::Populate => "madvise(MADV_POPULATE_READ/WRITE)",
+            Operation::VmaQuery => "VMA lookup",
+            Operation::MapsRead => "VMA lookup (reading /proc/self/maps)",
+            Operation::VmaCount => "reading /proc/self/maps",
+            Operation::FileStat => "fstat of the fd",
+            Operation::DupFd => "duplicating the fd",
+        })
+    }
+}
 
 /// Why a view could not be built, or a region not registered.
 ///
@@ -29,8 +121,8 @@ pub enum Error {
     /// A boundary between two runs is not on a page boundary of both mappings.
     #[error(
         "segment {index} meets its neighbour off a page boundary: interior segments must start and end \
-         on the page size of their mapping (4 KiB, or the huge page size), unless one continues the \
-         other in the same mapping; only the first segment may start, and the last end, mid-page"
+         on the page size of their mapping (the base page, or the huge page size), unless one continues \
+         the other in the same mapping; only the first segment may start, and the last end, mid-page"
     )]
     Unaligned {
         /// Index of the offending segment in the caller's list.
@@ -70,6 +162,18 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The kernel refused to clone a run because its mapping is sealed with mseal(2), and
+    /// no registered fd could place it.
+    #[error(
+        "segment {index} lies in a mapping sealed with mseal(2), which the kernel will not clone (EPERM): \
+         register the fd that backs it with Remapper::register, and the view maps the file instead \
+         (mapping a file does not touch the sealed mapping)"
+    )]
+    Sealed {
+        /// Index of the first segment of the run.
+        index: usize,
+    },
+
     /// Part of a segment lies in a hole of a registered device region: a vfio sparse-mmap
     /// gap such as an MSI-X table, which must never be mapped into a view.
     #[error(
@@ -105,6 +209,24 @@ pub enum Error {
         index: usize,
     },
 
+    /// A segment lies in a registered region whose memory is no longer what was
+    /// registered: the range was unmapped and something else mapped there (another file,
+    /// the same file at another offset, anonymous memory) without unregistering it. The
+    /// registered fd would show the old memory, not what the address shows.
+    #[error(
+        "segment {index}: the mapping at {at:#x} is not the file registered there ({region}): its memory \
+         was unmapped or replaced without unregistering the region; unregister a region when you unmap \
+         its memory (memory hot-unplug, a remapped RAMBlock) and register the new mapping"
+    )]
+    StaleRegion {
+        /// Index of the offending segment in the caller's list.
+        index: usize,
+        /// The address whose mapping does not match.
+        at: usize,
+        /// The registration it lies in.
+        region: RegionId,
+    },
+
     /// The view needs more mappings than vm.max_map_count leaves room for.
     #[error(
         "the view needs {needed} mappings but this process has room for {available} under \
@@ -118,11 +240,44 @@ pub enum Error {
         available: usize,
     },
 
-    /// A registration or unregistration was refused.
-    #[error("invalid region: {reason}")]
+    /// A registration was refused.
+    #[error("cannot register [{addr:#x}, +{len:#x}) at fd offset {offset:#x}{context}: {kind}")]
     InvalidRegion {
+        /// Host address of the range (or of the area of it) at fault.
+        addr: usize,
+        /// Its length.
+        len: usize,
+        /// Its offset in the fd.
+        offset: u64,
+        /// Which registration it was part of.
+        context: RegionContext,
         /// What is wrong with it, and what to do.
-        reason: String,
+        kind: RegionError,
+    },
+
+    /// An unregistration named a region that is not registered (any more).
+    #[error("{id} is not registered (unregistered already, or from another Remapper): pass an id register returned")]
+    NotRegistered {
+        /// The id passed.
+        id: RegionId,
+    },
+
+    /// A view would allow more than the source mapping allows: a read-write view of a
+    /// read-only mapping (a ROM, a sealed firmware image), or any view of an inaccessible
+    /// one.
+    #[error(
+        "segment {index}: its source mapping is {} but the view asks for {}, which would grant access the \
+         process's own mapping does not: map it with Access::ReadOnly, or ask for \
+         MapOptions::raise_source_protection() if that is meant",
+        prot_text(*.prot), prot_text(*.wanted)
+    )]
+    ExceedsSource {
+        /// Index of the first segment of the run.
+        index: usize,
+        /// The source mapping's protection (`PROT_*`).
+        prot: i32,
+        /// The protection the view asks for.
+        wanted: i32,
     },
 
     /// A run's backing cannot be written, but a read-write view was asked for.
@@ -139,9 +294,155 @@ pub enum Error {
     #[error("{op} failed{}: {source}", index.map(|i| format!(" for segment {i}")).unwrap_or_default())]
     Os {
         /// The operation that failed.
-        op: &'static str,
+        op: Operation,
         /// The segment it was working on, if any.
         index: Option<usize>,
+        /// The kernel's answer.
+        source: io::Error,
+    },
+}
+
+/// `PROT_*` bits in words.
+fn prot_text(prot: i32) -> &'static str {
+    match (prot & libc::PROT_READ != 0, prot & libc::PROT_WRITE != 0) {
+        (_, true) => "read-write",
+        (true, false) => "read-only",
+        (false, false) => "inaccessible (PROT_NONE)",
+    }
+}
+
+/// Which registration a refused range was part of.
+///
+/// ```
+/// assert_eq!(iovmap::RegionContext::Vfio { index: 2 }.to_string(), " (vfio region 2)");
+/// ```
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionContext {
+    /// [`Remapper::register`](crate::Remapper::register).
+    Register,
+    /// [`Remapper::register_vfio_region_info`](crate::Remapper::register_vfio_region_info):
+    /// the vfio region with this index.
+    Vfio {
+        /// The vfio region index.
+        index: u32,
+    },
+    /// `Remapper::from_guest_memory`: the guest RAM region at this guest-physical address.
+    GuestMemory {
+        /// Guest-physical address of the region's start.
+        gpa: u64,
+    },
+}
+
+impl fmt::Display for RegionContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegionContext::Register => Ok(()),
+            RegionContext::Vfio { index } => write!(f, " (vfio region {index})"),
+            RegionContext::GuestMemory { gpa } => write!(f, " (guest memory region at {gpa:#x})"),
+        }
+    }
+}
+
+/// What is wrong with a range given to register, in [`Error::InvalidRegion`].
+///
+/// ```
+/// use iovmap::{Error, RegionError};
+/// let mut remapper = iovmap::Remapper::new();
+/// let null = std::fs::File::open("/dev/null").unwrap();
+/// let e = remapper.register(std::ptr::null(), 0, &null, 0).unwrap_err();
+/// assert!(matches!(e, Error::InvalidRegion { kind: RegionError::Empty, .. }));
+/// assert!(e.to_string().contains("register at least one page"), "{e}");
+/// ```
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// The length is 0.
+    #[error("its length is 0: register at least one page")]
+    Empty,
+    /// `addr + len` wraps the address space.
+    #[error("it wraps the address space: pass the address and length of a real mapping")]
+    Wraps,
+    /// `offset + len` overflows a file offset.
+    #[error("offset + len overflows a file offset (2^63 bytes): pass the offset the range is mapped at")]
+    OffsetOverflow,
+    /// Address, length or offset is not a multiple of the mapping's page size.
+    #[error(
+        "it is not aligned to the mapping's page size ({page_size:#x}): address, length and offset must all \
+         be multiples of it"
+    )]
+    Unaligned {
+        /// The page size of the mapping (the huge page size on hugetlbfs).
+        page_size: usize,
+    },
+    /// The file is shorter than `offset + len`.
+    #[error(
+        "the file is only {size:#x} bytes, shorter than offset + len = {needed:#x} (accesses past its end \
+         would SIGBUS): grow the file or register a shorter range"
+    )]
+    FileTooShort {
+        /// The file's size.
+        size: u64,
+        /// `offset + len`.
+        needed: u64,
+    },
+    /// The range overlaps a registered region.
+    #[error("it overlaps the region [{start:#x}, {end:#x}) registered earlier: unregister that first")]
+    Overlap {
+        /// Start of the registered region it overlaps.
+        start: usize,
+        /// End of that region.
+        end: usize,
+    },
+    /// Part of the range is not mapped.
+    #[error("{at:#x} is not mapped: map the range before registering it")]
+    NotMapped {
+        /// The first address found unmapped.
+        at: usize,
+    },
+    /// Part of the range is a private mapping.
+    #[error("{at:#x} is a private mapping: a fd cannot stand in for its copied-on-write pages; map it MAP_SHARED")]
+    Private {
+        /// The first private address.
+        at: usize,
+    },
+    /// The mapping at an address of the range is not a mapping of the fd's file.
+    #[error(
+        "the mapping at {at:#x} is not the fd's file (the kernel reports {mapped} there, the fd is {fd}): pass \
+         the fd the range was mapped from"
+    )]
+    NotTheFile {
+        /// The address whose mapping is of another file.
+        at: usize,
+        /// The file mapped there, as the kernel reports it.
+        mapped: FileId,
+        /// The fd's file.
+        fd: FileId,
+    },
+    /// The mapping at an address maps the fd's file at another offset.
+    #[error(
+        "the mapping at {at:#x} maps the file at offset {mapped:#x}, not at the registered {registered:#x}: \
+         pass the offset the range was mapped at"
+    )]
+    WrongOffset {
+        /// The address whose offset differs.
+        at: usize,
+        /// The file offset the kernel reports for `at`.
+        mapped: u64,
+        /// The file offset the registration gives `at`.
+        registered: u64,
+    },
+    /// The region of a vfio device cannot be registered as described.
+    #[error(transparent)]
+    Vfio(#[from] RegionInfoError),
+    /// A guest memory region has no host mapping.
+    #[error("the guest memory region has no host address: only mapped regions can be registered")]
+    NoHostAddress,
+    /// A system call the registration needs failed.
+    #[error("{op} failed: {source}")]
+    Os {
+        /// The operation.
+        op: Operation,
         /// The kernel's answer.
         source: io::Error,
     },
@@ -161,12 +462,19 @@ impl Error {
             | Error::NotMapped { index }
             | Error::NotShareable { index }
             | Error::NoFallback { index, .. }
+            | Error::Sealed { index }
             | Error::NotWritable { index }
+            | Error::ExceedsSource { index, .. }
             | Error::DeviceHole { index }
             | Error::SourceChanged { index }
+            | Error::StaleRegion { index, .. }
             | Error::NotInGuestMemory { index } => Some(*index),
             Error::Os { index, .. } => *index,
-            _ => None,
+            Error::Empty
+            | Error::TooLarge
+            | Error::TooManyMappings { .. }
+            | Error::InvalidRegion { .. }
+            | Error::NotRegistered { .. } => None,
         }
     }
 
@@ -174,18 +482,37 @@ impl Error {
     /// that build the host list from another list (guest scatter lists) name the entry of
     /// the caller's list.
     #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))]
-    pub(crate) fn map_index(self, f: impl FnOnce(usize) -> usize) -> Error {
+    pub(crate) fn map_index(mut self, f: impl FnOnce(usize) -> usize) -> Error {
+        match &mut self {
+            Error::Unaligned { index }
+            | Error::NotMapped { index }
+            | Error::NotShareable { index }
+            | Error::NoFallback { index, .. }
+            | Error::Sealed { index }
+            | Error::NotWritable { index }
+            | Error::ExceedsSource { index, .. }
+            | Error::DeviceHole { index }
+            | Error::SourceChanged { index }
+            | Error::StaleRegion { index, .. }
+            | Error::NotInGuestMemory { index }
+            | Error::Os { index: Some(index), .. } => *index = f(*index),
+            _ => {}
+        }
+        self
+    }
+
+    /// The errno at the bottom of the error, if the kernel gave one.
+    ///
+    /// ```
+    /// let e = iovmap::Error::Os { op: iovmap::Operation::Clone, index: None, source: std::io::Error::from_raw_os_error(libc::ENOMEM) };
+    /// assert_eq!(e.errno(), Some(libc::ENOMEM));
+    /// ```
+    pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Unaligned { index } => Error::Unaligned { index: f(index) },
-            Error::NotMapped { index } => Error::NotMapped { index: f(index) },
-            Error::NotShareable { index } => Error::NotShareable { index: f(index) },
-            Error::NoFallback { index, source } => Error::NoFallback { index: f(index), source },
-            Error::NotWritable { index } => Error::NotWritable { index: f(index) },
-            Error::DeviceHole { index } => Error::DeviceHole { index: f(index) },
-            Error::SourceChanged { index } => Error::SourceChanged { index: f(index) },
-            Error::NotInGuestMemory { index } => Error::NotInGuestMemory { index: f(index) },
-            Error::Os { op, index: Some(index), source } => Error::Os { op, index: Some(f(index)), source },
-            other => other,
+            Error::Os { source, .. } | Error::NoFallback { source, .. } => source.raw_os_error(),
+            Error::InvalidRegion { kind: RegionError::Os { source, .. }, .. } => source.raw_os_error(),
+            Error::Sealed { .. } => Some(libc::EPERM),
+            _ => None,
         }
     }
 }

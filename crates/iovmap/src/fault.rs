@@ -6,12 +6,16 @@
 //! else, so a test can prove that a failure at any given step leaves no mapping and no fd
 //! behind.
 //!
+//! `sys.rs` calls [`inject`] at the top of each wrapper; this module uses nothing of
+//! `sys` or `holes` (its own few syscalls, which emulate an older kernel, are made here
+//! with libc), so the three do not depend on each other in a circle.
+//!
 //! ```
-//! use iovmap::fault::{Faults, Syscall};
+//! use iovmap::fault::{Faults, Operation};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let page = vec![0u8; 1]; // any address: the reservation fails before it is looked at
 //! # let _ = page;
-//! let faults = Faults::new().fail(Syscall::Reserve, 0, libc::ENOMEM);
+//! let faults = Faults::new().fail(Operation::Reserve, 0, libc::ENOMEM);
 //! let shared = unsafe {
 //!     libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE,
 //!                libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0)
@@ -25,13 +29,14 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::ops::Range;
 
-pub use crate::sys::Syscall;
+pub use crate::error::Operation;
 
 #[derive(Default)]
 struct State {
-    calls: [usize; Syscall::ALL.len()],
-    fail: Option<(Syscall, usize, i32)>,
+    calls: [usize; Operation::ALL.len()],
+    fail: Option<(Operation, usize, i32)>,
     fired: bool,
     /// Behave as a kernel that does (or does not) punch holes, instead of probing.
     holes: Option<bool>,
@@ -51,25 +56,34 @@ thread_local! {
     static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
 }
 
-fn slot(syscall: Syscall) -> usize {
-    Syscall::ALL.iter().position(|s| *s == syscall).unwrap_or(0)
+fn slot(op: Operation) -> usize {
+    Operation::ALL.iter().position(|s| *s == op).unwrap_or(0)
 }
 
-/// Called by every wrapper in `sys` before it reaches the kernel.
-pub(crate) fn check(syscall: Syscall) -> io::Result<()> {
-    STATE.with(|s| {
+/// The injection point: called by every wrapper in `sys` before it reaches the kernel,
+/// with the range of iovmap's own memory the call would change (empty if none). Counts
+/// the call, and fails it if it is the one chosen. A chosen clone refusal on a thread
+/// that emulates a kernel that punches holes (Linux before 6.17) first unmaps `range`,
+/// as that kernel does.
+pub(crate) fn inject(op: Operation, range: Range<usize>) -> io::Result<()> {
+    let failed = STATE.with(|s| {
         let mut s = s.borrow_mut();
-        let Some(state) = s.as_mut() else { return Ok(()) };
-        let n = state.calls[slot(syscall)];
-        state.calls[slot(syscall)] += 1;
+        let state = s.as_mut()?;
+        let n = state.calls[slot(op)];
+        state.calls[slot(op)] += 1;
         match state.fail {
-            Some((target, nth, errno)) if target == syscall && nth == n => {
+            Some((target, nth, errno)) if target == op && nth == n => {
                 state.fired = true;
-                Err(io::Error::from_raw_os_error(errno))
+                Some(errno)
             }
-            _ => Ok(()),
+            _ => None,
         }
-    })
+    });
+    let Some(errno) = failed else { return Ok(()) };
+    if op == Operation::Clone && matches!(errno, libc::EFAULT | libc::EINVAL | libc::EPERM) && emulating_holes() {
+        punch(range);
+    }
+    Err(io::Error::from_raw_os_error(errno))
 }
 
 /// The kernel behaviour this thread assumes, if a [`Faults`] guard set one.
@@ -77,25 +91,19 @@ pub(crate) fn assumed_holes() -> Option<bool> {
     STATE.with(|s| s.borrow().as_ref().and_then(|st| st.holes))
 }
 
-/// Whether this thread's map path treats the kernel as one that punches a hole at the
-/// destination of a refused clone (probed once per process, or set by
-/// [`Faults::assume_holes`]). Tests use it to know which syscall counts to expect.
-///
-/// ```
-/// let _on_this_kernel = iovmap::fault::kernel_punches_holes();
-/// ```
-pub fn kernel_punches_holes() -> bool {
-    crate::holes::kernel_punches_holes()
-}
-
 /// Whether injected clone refusals punch a hole, as Linux before 6.17 does.
-pub(crate) fn emulating_holes() -> bool {
+fn emulating_holes() -> bool {
     assumed_holes() == Some(true) && !STATE.with(|s| s.borrow().as_ref().is_some_and(|st| st.keep_destination))
 }
 
-/// After an injected clone failure punched `[dst, dst + len)`: if asked, map a foreign
-/// mapping there, as another thread's mmap could.
-pub(crate) fn squat(dst: usize, len: usize) {
+/// Does what Linux before 6.17 does to the destination of a refused clone: unmaps it.
+/// Then, if asked, maps a foreign mapping there, as another thread's mmap could.
+fn punch(range: Range<usize>) {
+    let (dst, len) = (range.start, range.len());
+    // SAFETY: `range` is the destination of the clone being failed: part of a reservation
+    // the map path owns (the contract of `sys::clone_fixed`), which the emulated kernel
+    // unmaps; the map path then treats it as a hole it no longer owns.
+    unsafe { libc::munmap(dst as *mut libc::c_void, len) };
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         let Some(st) = s.as_mut().filter(|st| st.squat && st.squatter.is_none()) else { return };
@@ -129,56 +137,55 @@ impl Faults {
     /// Starts counting this thread's syscalls; nothing fails yet.
     ///
     /// ```
-    /// use iovmap::fault::{Faults, Syscall};
+    /// use iovmap::fault::{Faults, Operation};
     /// # let page = iovmap::page_size();
     /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE,
     /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) };
     /// # let iov = [libc::iovec { iov_base: ram, iov_len: page }];
-    /// let faults = Faults::new();
+    /// let faults = Faults::new().assume_holes(false);
     /// drop(iovmap::map(&iov)?);
-    /// assert_eq!((faults.calls(Syscall::Reserve), faults.calls(Syscall::Clone)), (1, 1));
+    /// assert_eq!((faults.calls(Operation::Reserve), faults.calls(Operation::Clone)), (1, 1));
     /// # Ok::<(), iovmap::Error>(())
     /// ```
     pub fn new() -> Self {
-        // Measure the kernel before arming, so the one-time probe never meets a failure
-        // meant for the map path.
-        crate::holes::kernel_punches_holes();
+        // The one-time measurement of the kernel (holes.rs) runs on a thread of its own,
+        // so it never meets a failure meant for the map path.
         STATE.with(|s| *s.borrow_mut() = Some(State::default()));
         Faults { _thread: std::marker::PhantomData }
     }
 
-    /// Makes the `nth` (0-based, counted from now) call of `syscall` fail with `errno`.
+    /// Makes the `nth` (0-based, counted from now) call of `op` fail with `errno`.
     ///
     /// ```
-    /// use iovmap::fault::{Faults, Syscall};
+    /// use iovmap::fault::{Faults, Operation};
     /// # let page = iovmap::page_size();
     /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE,
     /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) };
     /// # let iov = [libc::iovec { iov_base: ram, iov_len: page }];
-    /// let faults = Faults::new().fail(Syscall::Clone, 0, libc::EIO);
+    /// let faults = Faults::new().fail(Operation::Clone, 0, libc::EIO);
     /// assert!(iovmap::map(&iov).is_err());
     /// ```
-    pub fn fail(self, syscall: Syscall, nth: usize, errno: i32) -> Self {
+    pub fn fail(self, op: Operation, nth: usize, errno: i32) -> Self {
         STATE.with(|s| {
             if let Some(state) = s.borrow_mut().as_mut() {
                 state.calls = Default::default();
-                state.fail = Some((syscall, nth, errno));
+                state.fail = Some((op, nth, errno));
                 state.fired = false;
             }
         });
         self
     }
 
-    /// How many times `syscall` was attempted since the guard was armed (or since
+    /// How many times `op` was attempted since the guard was armed (or since
     /// [`Faults::fail`]), the failed attempt included.
     ///
     /// ```
-    /// # use iovmap::fault::{Faults, Syscall};
+    /// # use iovmap::fault::{Faults, Operation};
     /// let faults = Faults::new();
-    /// assert_eq!(faults.calls(Syscall::Populate), 0);
+    /// assert_eq!(faults.calls(Operation::Populate), 0);
     /// ```
-    pub fn calls(&self, syscall: Syscall) -> usize {
-        STATE.with(|s| s.borrow().as_ref().map_or(0, |st| st.calls[slot(syscall)]))
+    pub fn calls(&self, op: Operation) -> usize {
+        STATE.with(|s| s.borrow().as_ref().map_or(0, |st| st.calls[slot(op)]))
     }
 
     /// Makes this thread's map path behave as on a kernel that does (`true`) or does not
@@ -206,8 +213,8 @@ impl Faults {
     /// come after it).
     ///
     /// ```
-    /// # use iovmap::fault::{Faults, Syscall};
-    /// let faults = Faults::new().assume_holes(true).refuse_before_unmap().fail(Syscall::Clone, 0, libc::EFAULT);
+    /// # use iovmap::fault::{Faults, Operation};
+    /// let faults = Faults::new().assume_holes(true).refuse_before_unmap().fail(Operation::Clone, 0, libc::EFAULT);
     /// # drop(faults);
     /// ```
     pub fn refuse_before_unmap(self) -> Self {
@@ -252,8 +259,8 @@ impl Faults {
     /// Whether the chosen failure has been injected.
     ///
     /// ```
-    /// # use iovmap::fault::{Faults, Syscall};
-    /// let faults = Faults::new().fail(Syscall::Protect, 0, libc::EIO);
+    /// # use iovmap::fault::{Faults, Operation};
+    /// let faults = Faults::new().fail(Operation::Protect, 0, libc::EIO);
     /// assert!(!faults.fired()); // nothing has been mapped yet
     /// ```
     pub fn fired(&self) -> bool {

@@ -1,15 +1,17 @@
 //! The vm-memory adapter (feature `vm-memory`, on by default): guest RAM described by
 //! rust-vmm's [`GuestMemoryBackend`], guest-physical scatter lists, and volatile access
-//! to views.
+//! to views ([`VolatileMemory`] for [`View`]).
 
 use std::os::fd::AsFd;
 
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, VolatileSlice};
+use vm_memory::volatile_memory::{self, VolatileMemory};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, VolatileSlice};
 
-use crate::error::Error;
+use crate::error::{Error, RegionContext, RegionError};
 use crate::options::MapOptions;
 use crate::remapper::Remapper;
 use crate::view::View;
+use crate::vma::ProcessVmas;
 
 impl Remapper {
     /// A remapper with every file-backed region of `mem` registered (host address,
@@ -42,20 +44,22 @@ impl Remapper {
     /// registered.
     pub fn from_guest_memory<M: GuestMemoryBackend>(mem: &M) -> Result<Remapper, Error> {
         let mut remapper = Remapper::new();
+        let mut vmas = ProcessVmas::new();
         for region in mem.iter() {
             let Some(file) = region.file_offset() else { continue };
-            let gpa = region.start_addr().raw_value();
-            let in_region = |e: Error| match e {
-                Error::InvalidRegion { reason } => {
-                    Error::InvalidRegion { reason: format!("guest region at {gpa:#x}: {reason}") }
-                }
-                other => other,
-            };
-            let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|e| Error::InvalidRegion {
-                reason: format!("guest region at {gpa:#x} has no host address ({e})"),
-            })?;
+            let context = RegionContext::GuestMemory { gpa: vm_memory::Address::raw_value(&region.start_addr()) };
             let len = usize::try_from(region.len()).map_err(|_| Error::TooLarge)?;
-            remapper.register(host, len, file.file().as_fd(), file.start()).map_err(in_region)?;
+            let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|_| Error::InvalidRegion {
+                addr: 0,
+                len,
+                offset: file.start(),
+                context,
+                kind: RegionError::NoHostAddress,
+            })?;
+            let fd = file.file().as_fd();
+            let anon = crate::remapper::anon_file_id();
+            let span = remapper.check_region(host as usize, len, fd, file.start(), &mut vmas, anon, context)?;
+            remapper.commit(&[(span, Some(fd))], context)?;
         }
         Ok(remapper)
     }
@@ -84,12 +88,12 @@ impl Remapper {
     /// mem.write_obj(0xcdu8, GuestAddress(0x10000)).unwrap();
     /// let remapper = iovmap::Remapper::from_guest_memory(&mem)?;
     /// // One entry that crosses from the first region into the second.
-    /// let view = remapper.map_guest(&mem, &[(GuestAddress(0xf000), 0x2000)], &Default::default())?;
+    /// let view = remapper.map_guest(&mem, &[(GuestAddress(0xf000), 0x2000)], Default::default())?;
     /// let slice = view.as_volatile_slice();
     /// assert_eq!(slice.load::<u8>(0, std::sync::atomic::Ordering::Relaxed).unwrap(), 0xab);
     /// assert_eq!(slice.load::<u8>(0x1000, std::sync::atomic::Ordering::Relaxed).unwrap(), 0xcd);
     /// // An address outside guest memory is refused, naming the entry.
-    /// let e = remapper.map_guest(&mem, &[(GuestAddress(0), 0x1000), (GuestAddress(0x40000), 0x1000)], &Default::default());
+    /// let e = remapper.map_guest(&mem, &[(GuestAddress(0), 0x1000), (GuestAddress(0x40000), 0x1000)], Default::default());
     /// assert!(matches!(e, Err(iovmap::Error::NotInGuestMemory { index: 1 })));
     /// # Ok::<(), iovmap::Error>(())
     /// ```
@@ -101,15 +105,16 @@ impl Remapper {
         &self,
         mem: &M,
         ranges: &[(GuestAddress, usize)],
-        opts: &MapOptions,
+        opts: MapOptions,
     ) -> Result<View, Error> {
         let (iovs, entry_of) = translate(mem, ranges)?;
         self.map_with(&iovs, opts).map_err(|e| e.map_index(|i| entry_of[i]))
     }
 }
 
-/// Translates a guest scatter list to host iovecs, splitting entries at guest region
-/// boundaries. Returns the iovecs and, for each, the index of the entry it came from.
+/// Translates a guest scatter list to host iovecs with vm-memory's `get_slices`, which
+/// splits each entry at guest region boundaries. Returns the iovecs and, for each, the
+/// index of the entry it came from.
 fn translate<M: GuestMemoryBackend>(
     mem: &M,
     ranges: &[(GuestAddress, usize)],
@@ -117,26 +122,64 @@ fn translate<M: GuestMemoryBackend>(
     let mut iovs = Vec::with_capacity(ranges.len());
     let mut entry_of = Vec::with_capacity(ranges.len());
     for (index, &(start, len)) in ranges.iter().enumerate() {
-        let bad = || Error::NotInGuestMemory { index };
-        let mut gpa = start;
-        let mut left = len as u64;
-        while left > 0 {
-            let region = mem.find_region(gpa).ok_or_else(bad)?;
-            let offset = gpa.checked_offset_from(region.start_addr()).ok_or_else(bad)?;
-            let here = left.min(region.len() - offset);
-            let host = region.get_host_address(MemoryRegionAddress(offset)).map_err(|_| bad())?;
-            iovs.push(libc::iovec { iov_base: host.cast(), iov_len: here as usize });
+        for slice in mem.get_slices(start, len) {
+            let slice = slice.map_err(|_| Error::NotInGuestMemory { index })?;
+            iovs.push(libc::iovec { iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(), iov_len: slice.len() });
             entry_of.push(index);
-            left -= here;
-            gpa = gpa.checked_add(here).ok_or_else(bad)?;
         }
     }
     Ok((iovs, entry_of))
 }
 
+/// Volatile access to a view, bounds-checked, as to guest memory: the guest may write the
+/// view's memory at any time, so it is read and written with volatile accesses only.
+///
+/// A write through a slice of a read-only view faults (SIGSEGV), as a write to read-only
+/// guest memory would: check [`View::access`] before writing.
+///
+/// ```
+/// use vm_memory::{Bytes, VolatileMemory};
+/// let page = iovmap::page_size();
+/// let ram = unsafe {
+///     libc::mmap(std::ptr::null_mut(), 2 * page, libc::PROT_READ | libc::PROT_WRITE,
+///                libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0)
+/// };
+/// unsafe { (ram as *mut u32).add(3).write(0xfeed_f00d) };
+/// let view = iovmap::map(&[libc::iovec { iov_base: ram, iov_len: 2 * page }])?;
+/// let word = view.get_ref::<u32>(12).unwrap();
+/// assert_eq!(word.load(), 0xfeed_f00d);
+/// view.get_slice(page, 8).unwrap().write_obj(7u64, 0).unwrap();
+/// assert_eq!(unsafe { (ram as *const u64).add(page / 8).read_volatile() }, 7);
+/// assert!(view.get_slice(2 * page - 4, 8).is_err()); // past the end
+/// # drop(view);
+/// # unsafe { libc::munmap(ram, 2 * page) };
+/// # Ok::<(), iovmap::Error>(())
+/// ```
+impl VolatileMemory for View {
+    type B = ();
+
+    fn len(&self) -> usize {
+        View::len(self)
+    }
+
+    fn get_slice(&self, offset: usize, count: usize) -> volatile_memory::Result<VolatileSlice<'_>> {
+        let end = volatile_memory::compute_offset(offset, count)?;
+        if end > View::len(self) {
+            return Err(volatile_memory::Error::OutOfBounds { addr: end });
+        }
+        // SAFETY: `[as_ptr() + offset, + count)` lies in the view (checked just above), which
+        // is mapped for as long as `self` lives: it unmaps only on drop, and the slice
+        // borrows `self`. VolatileSlice only performs volatile accesses, which is what
+        // memory shared with a guest requires. The pointer is cast to `*mut` for the slice
+        // type; a read-only view's slice faults on write (documented above), it does not
+        // corrupt memory.
+        Ok(unsafe { VolatileSlice::new(self.as_ptr().cast_mut().add(offset), count) })
+    }
+}
+
 impl View {
-    /// The view as a [`VolatileSlice`], so callers read and write it with the same
-    /// volatile accessors they use for guest memory (the guest may write it concurrently).
+    /// The whole view as a [`VolatileSlice`] (what [`VolatileMemory::as_volatile_slice`]
+    /// gives, without importing the trait).
     ///
     /// ```
     /// use vm_memory::Bytes;
@@ -153,9 +196,6 @@ impl View {
     /// # Ok::<(), iovmap::Error>(())
     /// ```
     pub fn as_volatile_slice(&self) -> VolatileSlice<'_> {
-        // SAFETY: `[as_ptr(), as_ptr() + len())` is mapped for as long as `self` lives
-        // (the view unmaps only on drop, and the slice borrows `self`). VolatileSlice only
-        // performs volatile accesses, which is what memory shared with a guest requires.
-        unsafe { VolatileSlice::new(self.as_ptr(), self.len()) }
+        self.get_slice(0, View::len(self)).expect("the whole view is in bounds")
     }
 }

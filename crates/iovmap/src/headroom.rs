@@ -18,7 +18,7 @@
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::error::Error;
+use crate::error::{Error, Operation};
 use crate::{sys, vma};
 
 /// VMAs kept free below vm.max_map_count.
@@ -58,7 +58,7 @@ pub(crate) fn check(runs: usize) -> Result<(), Error> {
     if !worth_counting(runs) {
         return Ok(());
     }
-    let available = available().map_err(|source| Error::Os { op: "reading /proc/self/maps", index: None, source })?;
+    let available = available().map_err(|source| Error::Os { op: Operation::VmaCount, index: None, source })?;
     if runs > available {
         return Err(Error::TooManyMappings { needed: runs, available });
     }

@@ -8,27 +8,39 @@
 //! would unmap it. 6.17 moved the checks before the unmap.
 //!
 //! [`kernel_punches_holes`] finds out once per process which kind of kernel this is, by
-//! measurement rather than by version (distributions backport). On such kernels the map
-//! path never issues a clone into its reservation that the kernel may refuse (see
-//! `place.rs`); elsewhere it does exactly what it does on 6.18.
+//! measurement rather than by version (distributions backport), on a thread of its own
+//! (so that fault injection, which arms the calling thread, never meets the probe). On
+//! such kernels the map path never issues a clone into its reservation that the kernel
+//! may refuse (see `place.rs`); elsewhere it does exactly what it does on 6.18.
 
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::OnceLock;
 
-use crate::regions::Region;
-use crate::sys;
+use crate::regions::{FileId, RegionSpan, RegionState};
+use crate::strategy::{Clonability, is_refusal};
+use crate::{sys, vma};
 
 static PUNCHES: OnceLock<bool> = OnceLock::new();
 
-/// Whether a refused `MREMAP_FIXED` unmaps its destination on this kernel.
-pub(crate) fn kernel_punches_holes() -> bool {
+/// Whether a refused `MREMAP_FIXED` unmaps its destination on this kernel (or, in tests,
+/// on the kernel the calling thread emulates: `fault::Faults::assume_holes`).
+///
+/// ```
+/// # #[cfg(feature = "unstable-internals")]
+/// let _on_this_kernel = iovmap::kernel_punches_holes();
+/// ```
+pub fn kernel_punches_holes() -> bool {
     #[cfg(feature = "fault-injection")]
     if let Some(assumed) = crate::fault::assumed_holes() {
         return assumed;
     }
     *PUNCHES.get_or_init(|| {
-        let punches = probe().unwrap_or_else(|e| {
+        let measured = std::thread::Builder::new()
+            .name("iovmap-hole-probe".into())
+            .spawn(probe)
+            .and_then(|t| t.join().unwrap_or_else(|_| Err(io::Error::other("the probe panicked"))));
+        let punches = measured.unwrap_or_else(|e| {
             log::warn!("iovmap: cannot tell whether this kernel punches holes ({e}); assuming it does");
             true
         });
@@ -37,37 +49,31 @@ pub(crate) fn kernel_punches_holes() -> bool {
     })
 }
 
-/// Whether an mremap error is the kernel refusing to clone this kind of mapping (EFAULT:
-/// VM_PFNMAP/VM_DONTEXPAND or an unmapped source; EINVAL: hugetlbfs or private memory).
-pub(crate) fn is_refusal(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EINVAL))
-}
-
 /// Whether `[src, src + len)` can be cloned, learned by cloning it to an address the
 /// kernel chooses (and unmapping the clone): no range iovmap owns is touched, so a
-/// refusal cannot punch a hole. `Ok(Err(errno))` is a refusal.
-pub(crate) fn probe_clone(src: usize, len: usize) -> io::Result<Result<(), i32>> {
+/// refusal cannot punch a hole. `Ok(Refused(errno))` is a refusal.
+pub(crate) fn probe_clone(src: usize, len: usize) -> io::Result<Clonability> {
     match sys::clone_anywhere(src, len) {
         Ok(tmp) => {
             // SAFETY: `tmp` is the clone the kernel just made for this probe; nothing else
             // knows its address.
             unsafe { sys::unmap(tmp, len)? };
-            Ok(Ok(()))
+            Ok(Clonability::Clones)
         }
-        Err(e) if is_refusal(&e) => Ok(Err(e.raw_os_error().unwrap_or(libc::EINVAL))),
+        Err(e) if is_refusal(e.raw_os_error()) => Ok(Clonability::Refused(e.raw_os_error().unwrap_or(libc::EINVAL))),
         Err(e) => Err(e),
     }
 }
 
 /// On kernels that punch holes, learns at registration whether the region's mapping
 /// clones, so that no map call ever has to find out by a clone into its reservation.
-pub(crate) fn learn_at_registration(region: &Region) {
-    if !region.span.mappable || !kernel_punches_holes() {
+pub(crate) fn learn_at_registration(span: &RegionSpan, state: &RegionState) {
+    if !span.mappable || !kernel_punches_holes() {
         return;
     }
-    match probe_clone(region.span.start, region.span.page_size) {
-        Ok(clones) => region.learn(clones),
-        Err(e) => log::debug!("iovmap: clone probe of {:#x} failed ({e}); learning at map time", region.span.start),
+    match probe_clone(span.start, span.page_size) {
+        Ok(known) => state.learn(known),
+        Err(e) => log::debug!("iovmap: clone probe of {:#x} failed ({e}); learning at map time", span.start),
     }
 }
 
@@ -92,9 +98,9 @@ fn probe() -> io::Result<bool> {
     let file = sys::memfd(c"iovmap-hole-probe")?;
     sys::truncate(file.as_fd(), 4 * page as u64)?;
     let src = sys::map_shared(2 * page, libc::PROT_READ, file.as_fd(), 0)?;
-    // SAFETY: the second page of the mapping made just above; splitting it off changes
-    // nothing anyone else uses.
-    if let Err(e) = unsafe { sys::protect(src + page, page, libc::PROT_NONE) } {
+    // SAFETY: the second page of the mapping made just above (`src.add(page)` stays in
+    // it); splitting it off changes nothing anyone else uses.
+    if let Err(e) = unsafe { sys::protect(src.add(page), page, libc::PROT_NONE) } {
         // SAFETY: ours, unused.
         unsafe { sys::unmap(src, 2 * page)? };
         return Err(e);
@@ -110,10 +116,11 @@ fn probe() -> io::Result<bool> {
     // SAFETY: both ranges are exactly the two mappings made above, which nothing else
     // uses; whatever the kernel does, it does to them.
     let moved = unsafe { sys::move_fixed(src, 2 * page, 2 * page, dst) }.is_ok();
-    let ino = sys::file_info(file.as_fd())?.ino;
-    let mut maps = Vec::new();
-    sys::read_file(c"/proc/self/maps", &mut maps)?;
-    let kept = ours_at(&maps, dst, ino, 2 * page as u64);
+    let info = sys::file_info(file.as_fd())?;
+    let ours = FileId::from_stat(info.dev, info.ino);
+    let at = dst.as_ptr() as usize;
+    let seen = vma::vmas_now(&[at])?.pop().flatten();
+    let kept = seen.is_some_and(|v| v.start == at && v.file == ours && v.offset == 2 * page as u64);
     // SAFETY: after a move, `dst` holds our source pages and `src` is free (not ours any
     // more: left alone); after a refusal, `src` is still ours, and `dst` is unmapped only
     // when /proc/self/maps shows our file there.
@@ -130,36 +137,9 @@ fn probe() -> io::Result<bool> {
     Ok(!moved && !kept)
 }
 
-/// Whether the maps text shows file `ino` at file offset `offset` mapped at `addr`.
-fn ours_at(maps: &[u8], addr: usize, ino: u64, offset: u64) -> bool {
-    maps.split(|&b| b == b'\n').any(|line| {
-        let mut f = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
-        let (Some(range), Some(_perms), Some(off), Some(_dev), Some(inode)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            return false;
-        };
-        let hex = |s: &[u8]| std::str::from_utf8(s).ok().and_then(|s| u64::from_str_radix(s, 16).ok());
-        let dec = |s: &[u8]| std::str::from_utf8(s).ok().and_then(|s| s.parse::<u64>().ok());
-        let Some(dash) = range.iter().position(|&b| b == b'-') else { return false };
-        hex(&range[..dash]) == Some(addr as u64) && hex(off) == Some(offset) && dec(inode) == Some(ino)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn recognises_our_mapping_only() {
-        let maps = b"7f0000000000-7f0000002000 r--s 00002000 00:01 4242   /memfd:iovmap-hole-probe (deleted)\n\
-                     7f0000002000-7f0000003000 r--s 00000000 00:01 4243   /memfd:other (deleted)\n";
-        assert!(ours_at(maps, 0x7f0000000000, 4242, 0x2000));
-        assert!(!ours_at(maps, 0x7f0000000000, 4243, 0x2000));
-        assert!(!ours_at(maps, 0x7f0000000000, 4242, 0x1000));
-        assert!(!ours_at(maps, 0x7f0000002000, 4242, 0x2000));
-        assert!(!ours_at(b"garbage\n", 0, 0, 0));
-    }
 
     #[test]
     fn this_kernel_is_measured() {

@@ -16,7 +16,7 @@
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let page = 4096;
+//! let page = iovmap::page_size();
 //! // Shared guest RAM of 8 pages.
 //! let ram = unsafe {
 //!     libc::mmap(std::ptr::null_mut(), 8 * page, libc::PROT_READ | libc::PROT_WRITE,
@@ -37,15 +37,30 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Where things are: [`plan`] (pure: validate, split, coalesce, lay out), `place.rs`
-//! (the mapping loop), `sys.rs` (every syscall), [`Remapper`] (the registered fds).
+//! Where things are: `plan.rs` (pure: validate, split, coalesce, lay out), `strategy.rs`
+//! (how each run is placed, decided without a syscall), `place.rs` (the mapping loop),
+//! `sys.rs` (every syscall), [`Remapper`] (the registered fds), [`View`] (the result).
 //! `docs/design.md` in the repository explains the kernel matrix and the error model.
+//!
+//! # Cargo features
+//!
+//! - `vm-memory` (default): [`Remapper::from_guest_memory`], `Remapper::map_guest`
+//!   (guest-physical scatter lists) and `VolatileMemory` for [`View`].
+//! - `vfio`: `Remapper::register_vfio_region(&VfioDevice, ..)` (vfio-ioctls without its
+//!   KVM/MSHV backends). [`Remapper::register_vfio_region_info`] needs no feature.
+//! - `unstable-internals`: the planner ([`plan`]), the maps parser ([`maps`]) and
+//!   `Remapper::plan`, for the fuzz targets and benchmarks. Not covered by semver.
+//! - `fault-injection`: `fault`, which makes a chosen syscall of the map path fail (tests
+//!   and fuzzing only; never in a product build). Not covered by semver.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 mod error;
 #[cfg(feature = "fault-injection")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fault-injection")))]
 pub mod fault;
 #[cfg(feature = "vm-memory")]
 mod guest_memory;
@@ -53,21 +68,33 @@ mod headroom;
 mod holes;
 mod options;
 mod place;
+#[cfg(feature = "unstable-internals")]
+#[cfg_attr(docsrs, doc(cfg(feature = "unstable-internals")))]
 pub mod plan;
+#[cfg(not(feature = "unstable-internals"))]
+mod plan;
 mod regions;
 mod remapper;
 mod reservation;
+mod strategy;
 mod sys;
 pub mod vfio;
 mod view;
 mod vma;
 
-pub use error::Error;
+pub use error::{Error, Operation, RegionContext, RegionError};
 pub use options::{Access, MapOptions};
-pub use remapper::{Remapper, map};
+pub use regions::{FileId, RegionId};
+pub use remapper::{RegisteredRegion, Remapper, map};
 pub use view::{MapStats, View};
 
+#[cfg(feature = "unstable-internals")]
+#[cfg_attr(docsrs, doc(cfg(feature = "unstable-internals")))]
+pub use holes::kernel_punches_holes;
+
 /// Parsers for the kernel's text about mappings (exposed for fuzzing and tools).
+#[cfg(feature = "unstable-internals")]
+#[cfg_attr(docsrs, doc(cfg(feature = "unstable-internals")))]
 pub mod maps {
     pub use crate::vma::{format_maps_line, parse_maps, parse_maps_line};
 }

@@ -1,24 +1,28 @@
 //! The mapping loop: turns a [`Plan`] into a [`View`].
 //!
-//! 1. Check the room under vm.max_map_count (large views; see `headroom`).
-//! 2. Reserve the view's range, aligned for its largest page size.
-//! 3. Place each run: clone it with mremap; if the kernel refuses (EFAULT for
-//!    VM_PFNMAP/VM_DONTEXPAND such as vfio BARs, EINVAL for hugetlbfs), map the registered
-//!    fd at the run's offset instead, and remember the refusal on the region so its later
-//!    runs (in this call and later ones) go to the fd directly. Runs that cross VMAs go to
-//!    the fd directly.
-//! 4. Check every clone of more than one page: a clone is not bounded by the VMA at its
+//! 1. Refuse a view that would grant more than its sources (a read-write view of a
+//!    read-only mapping), unless asked for.
+//! 2. Check the room under vm.max_map_count (large views; see `headroom`).
+//! 3. Reserve the view's range, aligned for its largest page size.
+//! 4. Place each run ([`Placer::place`]): a small state machine over
+//!    [`strategy`](crate::strategy::strategy). Clone it with mremap; if the kernel refuses
+//!    (EFAULT for VM_PFNMAP/VM_DONTEXPAND such as vfio BARs, EINVAL for hugetlbfs, EPERM
+//!    for a sealed mapping), map the registered fd at the run's offset instead, and
+//!    remember the refusal on the region so its later runs (in this call and later ones)
+//!    go to the fd directly. Runs that cross VMAs go to the fd directly. Each run comes
+//!    out as a [`Placed`]: cloned, fd-mapped, or device memory.
+//! 5. Check every clone of more than one page: a clone is not bounded by the VMA at its
 //!    source, so one that met a shorter mapping (another thread replaced the source under
 //!    the call) shows pages never mapped there. The clone's VMA says which file and offset
 //!    it maps; if that is not the source the plan saw, the view is not built
 //!    (`SourceChanged`).
-//! 5. mprotect the view when a clone inherited a protection other than the one asked for.
-//! 6. Prefault the RAM runs if asked.
+//! 6. mprotect the view when a clone inherited a protection other than the one asked for.
+//! 7. Prefault the runs that are not device memory, if asked.
 //!
 //! Any error drops the reservation, which unmaps everything placed so far.
 //!
 //! On kernels that punch a hole at the destination of a refused clone (Linux before
-//! 6.17, see `holes.rs`), step 3 never clones into the reservation unless the source is
+//! 6.17, see `holes.rs`), step 4 never clones into the reservation unless the source is
 //! known to clone: registered regions learn it when registered, other mappings once per
 //! call and VMA, each by a clone to an address the kernel chooses. A clone that fails
 //! anyway (the source changed under the call) may have left a hole: the reservation is
@@ -27,52 +31,72 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::BorrowedFd;
+use std::ptr::NonNull;
 
-use crate::error::Error;
+use crate::error::{Error, Operation};
 use crate::headroom;
-use crate::holes::{self, is_refusal, probe_clone};
+use crate::holes::{self, probe_clone};
 use crate::options::MapOptions;
-use crate::plan::{Clonability, Plan, Run, Strategy, strategy};
-use crate::regions::{CloneState, Region, Regions};
+use crate::plan::{FdSource, Plan, Run};
+use crate::regions::{RegionState, Regions};
 use crate::reservation::Reservation;
+use crate::strategy::{Clonability, Strategy, is_refusal, strategy};
 use crate::sys;
 use crate::view::{MapStats, View};
 use crate::vma;
 
+/// What a run became.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placed {
+    /// Cloned from its source mapping (mremap).
+    Cloned,
+    /// Mapped from its registered fd (mmap).
+    FdMapped,
+    /// Mapped from its registered fd, and device memory (VM_PFNMAP/VM_IO: the kernel
+    /// refused the clone of its region with EFAULT): it cannot be prefaulted.
+    Device,
+}
+
 /// Builds the view `plan` describes.
-pub(crate) fn build(plan: &Plan, regions: &Regions, opts: &MapOptions) -> Result<View, Error> {
+pub(crate) fn build(plan: &Plan, regions: &Regions, opts: MapOptions) -> Result<View, Error> {
+    check_access(plan, opts)?;
     let runs = plan.runs.len();
     headroom::check(runs)?;
     let holes = holes::kernel_punches_holes();
-    let reservation = Reservation::new(plan.map_len, plan.align, holes).map_err(|source| Error::Os {
-        op: "mmap (reservation)",
-        index: None,
-        source,
-    })?;
+    let reservation = Reservation::new(plan.map_len, plan.align, holes)?;
     let mut placer = Placer {
         reservation,
         regions,
-        prot: opts.access.prot(),
+        prot: opts.access().prot(),
         holes,
         probed: BTreeMap::new(),
-        to_check: Vec::new(),
+        placed: Vec::with_capacity(runs),
         stats: MapStats { segments: plan.segments, runs, ..MapStats::default() },
     };
     match placer.fill(plan, opts) {
-        Ok(()) => Ok(View::new(placer.reservation.into_raw(), plan.lead, plan.len, placer.stats)),
+        Ok(()) => Ok(View::new(placer.reservation.into_raw(), plan.lead, plan.len, placer.stats, opts.access())),
         Err(err) => {
             drop(placer);
-            if is_enomem(&err) { Err(headroom::explain_enomem(runs, err)) } else { Err(err) }
+            if err.errno() == Some(libc::ENOMEM) && matches!(err, Error::Os { .. }) {
+                Err(headroom::explain_enomem(runs, err))
+            } else {
+                Err(err)
+            }
         }
     }
 }
 
-fn is_enomem(err: &Error) -> bool {
-    matches!(err, Error::Os { source, .. } if source.raw_os_error() == Some(libc::ENOMEM))
-}
-
-fn region_of<'r>(run: &Run, regions: &'r Regions) -> Option<&'r Region> {
-    run.fd().map(|fd| regions.get(fd.region))
+/// Refuses, before anything is mapped, a view that would allow more than a source
+/// mapping allows (unless the caller asked for that with `raise_source_protection`).
+fn check_access(plan: &Plan, opts: MapOptions) -> Result<(), Error> {
+    let wanted = opts.access().prot();
+    let beyond = |prot: i32| wanted & !prot & (libc::PROT_READ | libc::PROT_WRITE) != 0;
+    if opts.raises_source_protection() || !beyond(plan.prot) {
+        return Ok(());
+    }
+    let run = plan.runs.iter().find(|r| beyond(r.prot())).expect("plan.prot is the AND of the runs' protections");
+    Err(Error::ExceedsSource { index: run.first(), prot: run.prot(), wanted })
 }
 
 /// The state of one map call.
@@ -82,36 +106,176 @@ struct Placer<'r> {
     prot: i32,
     /// Whether this kernel punches a hole at the destination of a refused clone.
     holes: bool,
-    /// On such kernels: what a clone of each source VMA (by the plan's VMA index) gave.
-    probed: BTreeMap<usize, Result<(), i32>>,
-    /// Runs (by index in the plan) placed by a clone of more than one page.
-    to_check: Vec<usize>,
+    /// On such kernels: what a probe of each source VMA (by the plan's VMA index) learned.
+    probed: BTreeMap<usize, Clonability>,
+    /// What each run became, in plan order.
+    placed: Vec<Placed>,
     stats: MapStats,
 }
 
 impl Placer<'_> {
-    /// Places every run, then fixes protection and prefaults.
-    fn fill(&mut self, plan: &Plan, opts: &MapOptions) -> Result<(), Error> {
-        let base = self.reservation.base();
-        let mut reprotect = false;
-        let page = sys::page_size();
-        for (i, run) in plan.runs.iter().enumerate() {
-            debug_assert!(run.dst() + run.len() <= self.reservation.len());
-            let cloned = self.place(run, base + run.dst())?;
-            // A clone of one page cannot run past its source: every VMA holds whole pages.
-            if cloned && run.len() > page {
-                self.to_check.push(i);
-            }
-            reprotect |= cloned && run.prot() != self.prot;
+    /// Places every run, then checks clones, fixes protection and prefaults.
+    fn fill(&mut self, plan: &Plan, opts: MapOptions) -> Result<(), Error> {
+        for run in &plan.runs {
+            let placed = self.place(run)?;
+            self.placed.push(placed);
         }
-        self.check_clones(plan, base)?;
-        if reprotect {
+        self.check_clones(plan)?;
+        let base = self.reservation.whole();
+        if plan.runs.iter().zip(&self.placed).any(|(run, p)| *p == Placed::Cloned && run.prot() != self.prot) {
             protect(base, self.reservation.len(), plan, self.prot)?;
         }
-        if opts.populate {
-            populate(base, plan, self.regions, self.prot & libc::PROT_WRITE != 0)?;
+        if opts.populates() {
+            // A run placed from its fd before a clone of its region was refused (a run
+            // across VMAs that came first) is device memory all the same.
+            for (run, placed) in plan.runs.iter().zip(self.placed.iter_mut()) {
+                if let (Placed::FdMapped, Some(fd)) = (*placed, run.fd()) {
+                    if is_device(self.regions.state(fd.region)) {
+                        *placed = Placed::Device;
+                    }
+                }
+            }
+            self.populate(plan)?;
         }
         Ok(())
+    }
+
+    /// What is known about cloning the run's source: learned by its region (across
+    /// calls) or by this call's probe of its VMA.
+    fn known(&self, run: &Run, region: Option<&RegionState>) -> Clonability {
+        match region.map(RegionState::clonability) {
+            Some(known @ (Clonability::Clones | Clonability::Refused(_))) => known,
+            _ => self.probed.get(&run.vma()).copied().unwrap_or(Clonability::Unknown),
+        }
+    }
+
+    /// Places one run: asks [`strategy`] what to do, does it, and asks again with what the
+    /// kernel answered, until the run is placed or nothing can place it. Every path ends
+    /// within three steps: a probe or a clone only ever turns `Unknown` into something
+    /// known, and nothing known leads back to a probe.
+    fn place(&mut self, run: &Run) -> Result<Placed, Error> {
+        // The plan lays every run out inside `map_len`, the reservation's length; `slot`
+        // checks it again here, in every build, for the SAFETY arguments below.
+        let dst = self.reservation.slot(run.dst(), run.len()).ok_or(Error::TooLarge)?;
+        let fd = run.fd().map(|fd| (fd, self.regions.state(fd.region)));
+        let region = fd.map(|(_, state)| state);
+        let mut known = self.known(run, region);
+        loop {
+            match strategy(run, known, self.holes) {
+                Strategy::Probe => known = self.probe(run, region)?,
+                Strategy::Clone => match self.clone_into(run, dst, region, known)? {
+                    None => return Ok(Placed::Cloned),
+                    Some(refused) => known = refused,
+                },
+                Strategy::Fd => {
+                    let (fd, state) = fd.expect("strategy chooses Fd only for a run with a registered fd");
+                    let region_fd = state.fd().expect("a mappable region has an fd");
+                    self.map_fd(run, dst, fd, region_fd)?;
+                    return Ok(if is_device(state) { Placed::Device } else { Placed::FdMapped });
+                }
+                Strategy::Fail => return Err(no_fallback(run, known)),
+            }
+        }
+    }
+
+    /// Maps the registered fd at `dst`.
+    fn map_fd(&mut self, run: &Run, dst: NonNull<u8>, fd: FdSource, region_fd: BorrowedFd<'_>) -> Result<(), Error> {
+        self.stats.syscalls += 1;
+        let hole = self.reservation.is_hole(dst);
+        let placed = if hole {
+            // The kernel may have unmapped `dst` and another thread may have mapped
+            // something there since: map only if the range is still free.
+            sys::map_fd_noreplace(dst, run.len(), self.prot, region_fd, fd.offset)
+        } else {
+            // SAFETY: `dst` comes from `Reservation::slot`, which checked that
+            // `[dst, dst + run.len())` lies in the reservation; the map path owns it until
+            // it becomes a view, and it is not a hole another thread may have taken.
+            unsafe { sys::map_fd_fixed(dst, run.len(), self.prot, region_fd, fd.offset) }
+        };
+        placed.map_err(|e| match e.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) if self.prot & libc::PROT_WRITE != 0 => {
+                Error::NotWritable { index: run.first() }
+            }
+            Some(libc::ENOMEM) => Error::Os { op: Operation::FdMap, index: Some(run.first()), source: e },
+            Some(libc::EEXIST) if hole => Error::Os { op: Operation::RefillHole, index: Some(run.first()), source: e },
+            _ => Error::NoFallback { index: run.first(), source: e },
+        })?;
+        if hole {
+            self.reservation.fill_hole(dst);
+        }
+        self.stats.fd_mapped += 1;
+        Ok(())
+    }
+
+    /// Clones `run` into `dst`. `Ok(None)`: placed. `Ok(Some(refused))`: the kernel
+    /// refused, and the run may still be placed from an fd.
+    fn clone_into(
+        &mut self,
+        run: &Run,
+        dst: NonNull<u8>,
+        region: Option<&RegionState>,
+        known: Clonability,
+    ) -> Result<Option<Clonability>, Error> {
+        self.stats.syscalls += 1;
+        // SAFETY: `dst` comes from `Reservation::slot`, which checked that
+        // `[dst, dst + run.len())` lies in the reservation, which the map path owns until it
+        // becomes a view.
+        let e = match unsafe { sys::clone_fixed(run.src(), run.len(), dst) } {
+            Ok(()) => {
+                self.stats.cloned += 1;
+                if let Some(r) = region.filter(|_| known == Clonability::Unknown) {
+                    r.learn(Clonability::Clones);
+                }
+                return Ok(None);
+            }
+            Err(e) => e,
+        };
+        if !is_refusal(e.raw_os_error()) {
+            // ENOMEM (the VMA cap) and the like come before the unmap on every kernel: the
+            // destination is still ours.
+            return Err(Error::Os { op: Operation::Clone, index: Some(run.first()), source: e });
+        }
+        if self.holes {
+            // Known to clone, yet refused: the source changed under us. On this kernel the
+            // destination may be gone (refused for its kind) or not (refused because
+            // nothing was mapped there), and if gone, may be someone else's by now. Until
+            // the kernel says, it is a hole; if the lookup fails, it stays one (better a
+            // PROT_NONE range left behind than another thread's mapping unmapped).
+            self.reservation.mark_hole(dst, run.len());
+            let ours = self.reservation.still_holds(dst).map_err(|source| Error::Os {
+                op: Operation::VmaQuery,
+                index: Some(run.first()),
+                source,
+            })?;
+            if ours {
+                self.reservation.fill_hole(dst);
+            }
+        }
+        log::debug!("iovmap: clone of {:#x}+{:#x} refused ({e}); using the registered fd", run.src(), run.len());
+        let refused = Clonability::Refused(e.raw_os_error().unwrap_or(libc::EINVAL));
+        if let Some(r) = region {
+            r.learn(refused);
+        }
+        Ok(Some(refused))
+    }
+
+    /// On kernels that punch holes: whether the run's source VMA clones, learned once per
+    /// call by a clone to an address the kernel chooses, never into the reservation.
+    fn probe(&mut self, run: &Run, region: Option<&RegionState>) -> Result<Clonability, Error> {
+        if let Some(known) = self.probed.get(&run.vma()) {
+            return Ok(*known);
+        }
+        self.stats.syscalls += 1;
+        let known = probe_clone(run.src(), run.page_size()).map_err(|source| Error::Os {
+            op: Operation::CloneProbe,
+            index: Some(run.first()),
+            source,
+        })?;
+        self.probed.insert(run.vma(), known);
+        if let Some(r) = region {
+            r.learn(known);
+        }
+        Ok(known)
     }
 
     /// Checks that every clone of more than one page maps the file and offset the plan saw
@@ -122,18 +286,24 @@ impl Placer<'_> {
     /// mapping's file: pages never mapped at the address, or past the file's end. The
     /// clone's own VMA records which file and offset it maps, whatever happened to the
     /// source since, so this catches it even if the source was put back before the check.
-    /// (A source replaced by a mapping of the same file at the same offset shows the same
-    /// bytes; one replaced by another mapping covering the whole run shows that mapping,
-    /// which was mapped there during the call.)
-    fn check_clones(&self, plan: &Plan, base: usize) -> Result<(), Error> {
-        if self.to_check.is_empty() {
+    /// A clone of one page cannot run past its source: every VMA holds whole pages.
+    fn check_clones(&self, plan: &Plan) -> Result<(), Error> {
+        let page = sys::page_size();
+        let checked: Vec<&Run> = plan
+            .runs
+            .iter()
+            .zip(&self.placed)
+            .filter(|(run, p)| **p == Placed::Cloned && run.len() > page)
+            .map(|(run, _)| run)
+            .collect();
+        if checked.is_empty() {
             return Ok(());
         }
-        let dsts: Vec<usize> = self.to_check.iter().map(|&i| base + plan.runs[i].dst()).collect();
-        let index = Some(plan.runs[self.to_check[0]].first());
-        let seen = vma::vmas_now(&dsts).map_err(|source| Error::Os { op: "VMA lookup", index, source })?;
-        for (k, (&dst, seen)) in dsts.iter().zip(seen).enumerate() {
-            let run = &plan.runs[self.to_check[k]];
+        let base = self.reservation.whole().as_ptr() as usize;
+        let dsts: Vec<usize> = checked.iter().map(|r| base + r.dst()).collect();
+        let index = Some(checked[0].first());
+        let seen = vma::vmas_now(&dsts).map_err(|source| Error::Os { op: Operation::VmaQuery, index, source })?;
+        for ((run, &dst), seen) in checked.iter().zip(&dsts).zip(seen) {
             let planned = plan.vmas[run.vma()];
             let want = planned.offset + (run.src() - planned.start) as u64;
             let same = seen.is_some_and(|v| v.file == planned.file && v.offset + (dst - v.start) as u64 == want);
@@ -145,195 +315,76 @@ impl Placer<'_> {
         Ok(())
     }
 
-    /// Places one run at `dst`. Returns whether it was cloned (true) or fd-mapped (false).
-    fn place(&mut self, run: &Run, dst: usize) -> Result<bool, Error> {
-        let region = region_of(run, self.regions);
-        // What is known about cloning the source: learned by its region (across calls) or
-        // by this call's probe of its VMA; with the kernel's answer when it refused.
-        let learned = match region.map(Region::clone_state) {
-            Some(CloneState::Clones) => Some(Ok(())),
-            Some(CloneState::Refused(errno)) => Some(Err(errno)),
-            _ => self.probed.get(&run.vma()).copied(),
+    /// Prefaults the runs that are not device memory, one madvise per stretch of adjacent
+    /// such runs.
+    fn populate(&self, plan: &Plan) -> Result<(), Error> {
+        let write = self.prot & libc::PROT_WRITE != 0;
+        let mut stretch: Option<(usize, usize, usize)> = None; // (start, end, first segment)
+        let flush = |s: Option<(usize, usize, usize)>| -> Result<(), Error> {
+            let Some((start, end, index)) = s else { return Ok(()) };
+            let at = self.reservation.slot(start, end - start).ok_or(Error::TooLarge)?;
+            sys::populate(at, end - start, write).map_err(|source| Error::Os {
+                op: Operation::Populate,
+                index: Some(index),
+                source,
+            })
         };
-        let known = match learned {
-            None => Clonability::Unknown,
-            Some(Ok(())) => Clonability::Clones,
-            Some(Err(_)) => Clonability::Refused,
-        };
-        let mut refusal = learned.and_then(Result::err).map(io::Error::from_raw_os_error);
-        let mut step = strategy(run, known, self.holes);
-        if step == Strategy::Probe {
-            let learned = self.probe(run, region)?;
-            if let Err(errno) = learned {
-                refusal = Some(io::Error::from_raw_os_error(errno));
+        for (run, placed) in plan.runs.iter().zip(&self.placed) {
+            if *placed == Placed::Device {
+                flush(stretch.take())?;
+                continue;
             }
-            step = strategy(run, if learned.is_ok() { Clonability::Clones } else { Clonability::Refused }, self.holes);
-        }
-        if step == Strategy::Clone {
-            match self.clone_into(run, dst, region, known)? {
-                None => return Ok(true),
-                Some(e) => {
-                    refusal = Some(e);
-                    step = strategy(run, Clonability::Refused, self.holes);
+            stretch = match stretch {
+                Some((start, end, index)) if end == run.dst() => Some((start, run.dst() + run.len(), index)),
+                other => {
+                    flush(other)?;
+                    Some((run.dst(), run.dst() + run.len(), run.first()))
                 }
-            }
+            };
         }
-        let (Strategy::Fd, Some(fd), Some(region_fd)) = (step, run.fd(), region.and_then(Region::fd)) else {
-            let source = refusal.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL));
-            return Err(Error::NoFallback { index: run.first(), source });
-        };
-        self.stats.syscalls += 1;
-        let placed = if self.reservation.is_hole(dst) {
-            // The kernel may have unmapped `dst` and another thread may have mapped
-            // something there since: map only if the range is still free.
-            sys::map_fd_noreplace(dst, run.len(), self.prot, region_fd, fd.offset)
-                .inspect(|()| self.reservation.fill_hole(dst))
-        } else {
-            // SAFETY: `[dst, dst + run.len())` lies in the reservation (the plan keeps every
-            // run inside `map_len`), which the map path owns until it is a view.
-            unsafe { sys::map_fd_fixed(dst, run.len(), self.prot, region_fd, fd.offset) }
-        };
-        placed.map_err(|e| match e.raw_os_error() {
-            Some(libc::EACCES | libc::EPERM) if self.prot & libc::PROT_WRITE != 0 => {
-                Error::NotWritable { index: run.first() }
-            }
-            Some(libc::ENOMEM) => Error::Os { op: "mmap", index: Some(run.first()), source: e },
-            Some(libc::EEXIST) => Error::Os {
-                op: "mmap (MAP_FIXED_NOREPLACE) into the range of a refused clone, which another thread mapped meanwhile",
-                index: Some(run.first()),
-                source: e,
-            },
-            _ => Error::NoFallback { index: run.first(), source: e },
-        })?;
-        self.stats.fd_mapped += 1;
-        Ok(false)
+        flush(stretch)
     }
+}
 
-    /// Clones `run` into `dst`. `Ok(None)`: placed. `Ok(Some(e))`: the kernel refused,
-    /// and the run may still be placed from an fd.
-    fn clone_into(
-        &mut self,
-        run: &Run,
-        dst: usize,
-        region: Option<&Region>,
-        known: Clonability,
-    ) -> Result<Option<io::Error>, Error> {
-        self.stats.syscalls += 1;
-        // SAFETY: `[dst, dst + run.len())` lies in the reservation (the plan keeps every run
-        // inside `map_len`), which the map path owns until it is a view.
-        match unsafe { sys::clone_fixed(run.src(), run.len(), dst) } {
-            Ok(()) => {
-                self.stats.cloned += 1;
-                if let Some(r) = region.filter(|_| known == Clonability::Unknown) {
-                    r.learn(Ok(()));
-                }
-                Ok(None)
-            }
-            Err(e) => {
-                if !is_refusal(&e) {
-                    // ENOMEM (the VMA cap) and the like come before the unmap on every
-                    // kernel: the destination is still ours.
-                    return Err(Error::Os { op: "mremap", index: Some(run.first()), source: e });
-                }
-                if self.holes {
-                    // Known to clone, yet refused: the source changed under us. On this
-                    // kernel the destination may be gone (refused for its kind) or not
-                    // (refused because nothing was mapped there), and if gone, may be
-                    // someone else's by now. Until the kernel says, it is a hole; if the
-                    // lookup fails, it stays one (better a PROT_NONE range left behind
-                    // than another thread's mapping unmapped).
-                    self.reservation.mark_hole(dst, run.len());
-                    let ours = self.reservation.still_holds(dst).map_err(|source| Error::Os {
-                        op: "VMA lookup (after a refused clone)",
-                        index: Some(run.first()),
-                        source,
-                    })?;
-                    if ours {
-                        self.reservation.fill_hole(dst);
-                    }
-                }
-                log::debug!(
-                    "iovmap: clone of {:#x}+{:#x} refused ({e}); using the registered fd",
-                    run.src(),
-                    run.len()
-                );
-                if let Some(r) = region {
-                    r.learn(Err(e.raw_os_error().unwrap_or(libc::EINVAL)));
-                }
-                Ok(Some(e))
-            }
-        }
-    }
+/// Whether a region is device memory (VM_PFNMAP/VM_IO), which cannot be prefaulted: the
+/// kernel refused to clone it with EFAULT, its answer for such mappings.
+fn is_device(region: &RegionState) -> bool {
+    region.clonability() == Clonability::Refused(libc::EFAULT)
+}
 
-    /// On kernels that punch holes: whether the run's source VMA clones, learned once per
-    /// call by a clone to an address the kernel chooses, never into the reservation.
-    fn probe(&mut self, run: &Run, region: Option<&Region>) -> Result<Result<(), i32>, Error> {
-        if let Some(known) = self.probed.get(&run.vma()) {
-            return Ok(*known);
+/// The error for a run nothing can place, given what the kernel said about its clone.
+fn no_fallback(run: &Run, known: Clonability) -> Error {
+    match known {
+        Clonability::Refused(libc::EPERM) => Error::Sealed { index: run.first() },
+        Clonability::Refused(errno) => {
+            Error::NoFallback { index: run.first(), source: io::Error::from_raw_os_error(errno) }
         }
-        self.stats.syscalls += 1;
-        let clones = probe_clone(run.src(), run.page_size()).map_err(|source| Error::Os {
-            op: "mremap (clone probe)",
-            index: Some(run.first()),
-            source,
-        })?;
-        self.probed.insert(run.vma(), clones);
-        if let Some(r) = region {
-            r.learn(clones);
-        }
-        Ok(clones)
+        // Not clonable (it crosses VMAs) and not registered: the planner refuses those,
+        // so this is only reached through an inconsistent table.
+        _ => Error::NoFallback { index: run.first(), source: io::Error::from_raw_os_error(libc::EINVAL) },
     }
 }
 
 /// Gives the whole view the protection asked for. A clone inherits its source's
 /// protection; raising it to writable fails (EACCES) where the file was opened read-only
 /// or is write-sealed, and then the run at fault is named.
-fn protect(base: usize, len: usize, plan: &Plan, prot: i32) -> Result<(), Error> {
-    // SAFETY: the range is the reservation being filled, owned by the map path.
+fn protect(base: NonNull<u8>, len: usize, plan: &Plan, prot: i32) -> Result<(), Error> {
+    // SAFETY: the range is the whole reservation being filled, owned by the map path.
     let Err(err) = (unsafe { sys::protect(base, len, prot) }) else { return Ok(()) };
     // Find the run that refuses, to name its segment.
     for run in &plan.runs {
-        // SAFETY: one run of the same reservation.
-        if let Err(e) = unsafe { sys::protect(base + run.dst(), run.len(), prot) } {
+        // The plan lays runs out inside the reservation (`len` is its length).
+        if run.dst() + run.len() > len {
+            continue;
+        }
+        // SAFETY: one run of the same reservation: `[dst, dst + len)` lies in it (checked
+        // just above), owned by the map path.
+        if let Err(e) = unsafe { sys::protect(base.add(run.dst()), run.len(), prot) } {
             return Err(match e.raw_os_error() {
                 Some(libc::EACCES) if prot & libc::PROT_WRITE != 0 => Error::NotWritable { index: run.first() },
-                _ => Error::Os { op: "mprotect", index: Some(run.first()), source: e },
+                _ => Error::Os { op: Operation::Protect, index: Some(run.first()), source: e },
             });
         }
     }
-    Err(Error::Os { op: "mprotect", index: None, source: err })
-}
-
-/// Whether a run is device memory (VM_PFNMAP/VM_IO), which cannot be prefaulted: its
-/// region's clone was refused with EFAULT, the answer for such mappings.
-fn is_device(run: &Run, regions: &Regions) -> bool {
-    region_of(run, regions).is_some_and(|r| r.clone_state() == CloneState::Refused(libc::EFAULT))
-}
-
-/// Prefaults the RAM runs, one madvise per stretch of adjacent RAM runs.
-fn populate(base: usize, plan: &Plan, regions: &Regions, write: bool) -> Result<(), Error> {
-    let op = if write { "madvise(MADV_POPULATE_WRITE)" } else { "madvise(MADV_POPULATE_READ)" };
-    let mut stretch: Option<(usize, usize, usize)> = None; // (start, end, first segment)
-    let flush =
-        |s: Option<(usize, usize, usize)>| -> Result<(), Error> {
-            match s {
-                Some((start, end, index)) => sys::populate(base + start, end - start, write)
-                    .map_err(|source| Error::Os { op, index: Some(index), source }),
-                None => Ok(()),
-            }
-        };
-    for run in &plan.runs {
-        if is_device(run, regions) {
-            flush(stretch.take())?;
-            continue;
-        }
-        stretch = match stretch {
-            Some((start, end, index)) if end == run.dst() => Some((start, run.dst() + run.len(), index)),
-            other => {
-                flush(other)?;
-                Some((run.dst(), run.dst() + run.len(), run.first()))
-            }
-        };
-    }
-    flush(stretch)
+    Err(Error::Os { op: Operation::Protect, index: None, source: err })
 }

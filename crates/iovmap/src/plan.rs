@@ -25,10 +25,14 @@
 
 use std::collections::BTreeMap;
 
-use crate::error::Error;
+use crate::error::{Error, Operation};
 use crate::regions::region_window;
 
+// The planner's vocabulary, in one place for the fuzz targets (`unstable-internals`).
+#[cfg_attr(not(feature = "unstable-internals"), allow(unused_imports))]
 pub use crate::regions::{FileId, RegionSpan};
+#[cfg_attr(not(feature = "unstable-internals"), allow(unused_imports))]
+pub use crate::strategy::{Clonability, Strategy, strategy};
 pub use crate::vma::{Vma, VmaSource};
 
 /// Where a run can be mapped from when the clone is not possible or refused.
@@ -39,7 +43,7 @@ pub use crate::vma::{Vma, VmaSource};
 /// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000, ..Default::default() }];
 /// // The mapping is file 7 from offset 0x100000, registered.
 /// let regions = [RegionSpan { start: 0x10000, end: 0x20000, offset: 0x100000,
-///                             file: FileId { dev: 1, ino: 7 }, page_size: 0x1000, mappable: true }];
+///                             file: FileId { dev: 1, ino: 7 }, page_size: 0x1000, ..RegionSpan::default() }];
 /// let iov = [libc::iovec { iov_base: 0x13000 as *mut _, iov_len: 0x1000 }];
 /// let p = plan(&iov, &mut vmas[..], &regions, 0x1000)?;
 /// assert_eq!(p.runs[0].fd(), Some(FdSource { region: 0, offset: 0x103000 }));
@@ -179,7 +183,8 @@ impl Run {
         1 << self.page_shift
     }
 
-    /// Protection of the source VMA (`PROT_*`): what a clone inherits.
+    /// Protection of the source (`PROT_*`): what a clone inherits; for a run placed by fd
+    /// across several VMAs, what all of them allow.
     ///
     /// ```
     /// # use iovmap::plan::{plan, Vma};
@@ -236,7 +241,7 @@ impl Run {
 /// let iov = |a: usize, l: usize| libc::iovec { iov_base: a as *mut _, iov_len: l };
 /// // Starts 0x80 bytes into a page, ends mid-page: one page mapped, 0x100 bytes viewed.
 /// let p = plan(&[iov(0x12080, 0x100)], &mut vmas[..], &[], 0x1000)?;
-/// assert_eq!((p.lead, p.len, p.map_len, p.align, p.segments), (0x80, 0x100, 0x1000, 0x1000, 1));
+/// assert_eq!((p.lead, p.len, p.map_len, p.align, p.segments, p.prot), (0x80, 0x100, 0x1000, 0x1000, 1, rw));
 /// # Ok::<(), iovmap::Error>(())
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -257,59 +262,9 @@ pub struct Plan {
     /// The VMAs the runs come from, as the planner saw them, indexed by [`Run::vma`]. The
     /// map path checks, after cloning, that they are still there as seen.
     pub vmas: Vec<Vma>,
-}
-
-/// What is known about cloning a run's source mapping.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Clonability {
-    /// Nothing yet.
-    Unknown,
-    /// A clone of it worked.
-    Clones,
-    /// The kernel refused to clone it.
-    Refused,
-}
-
-/// How the map path places a run: the strategy, chosen from the run and what is known
-/// about its source, with no syscall.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Strategy {
-    /// Clone it into the reservation; if the kernel refuses, continue with
-    /// `strategy(run, Clonability::Refused, ..)`.
-    Clone,
-    /// First learn whether its source clones, by a clone to an address the kernel
-    /// chooses (kernels that punch holes), then continue with what was learned.
-    Probe,
-    /// Map the registered fd at the run's offset.
-    Fd,
-    /// Nothing can place it: the clone is refused and no fd is registered.
-    Fail,
-}
-
-/// Chooses how to place `run`, given what is known about cloning its source and whether
-/// this kernel punches a hole at the destination of a refused clone.
-///
-/// ```
-/// use iovmap::plan::{plan, strategy, Clonability, Strategy, Vma};
-/// let rw = libc::PROT_READ | libc::PROT_WRITE;
-/// let mut vmas = [Vma { start: 0x10000, end: 0x20000, prot: rw, shared: true, page_size: 0x1000, ..Default::default() }];
-/// let run = plan(&[libc::iovec { iov_base: 0x10000 as *mut _, iov_len: 0x1000 }], &mut vmas[..], &[], 0x1000)?.runs[0];
-/// assert_eq!(strategy(&run, Clonability::Unknown, false), Strategy::Clone);
-/// assert_eq!(strategy(&run, Clonability::Unknown, true), Strategy::Probe);
-/// assert_eq!(strategy(&run, Clonability::Refused, false), Strategy::Fail); // not registered
-/// # Ok::<(), iovmap::Error>(())
-/// ```
-pub fn strategy(run: &Run, clonability: Clonability, kernel_punches_holes: bool) -> Strategy {
-    let fallback = if run.fd().is_some() { Strategy::Fd } else { Strategy::Fail };
-    if !run.clone {
-        return fallback;
-    }
-    match clonability {
-        Clonability::Refused => fallback,
-        Clonability::Clones => Strategy::Clone,
-        Clonability::Unknown if kernel_punches_holes => Strategy::Probe,
-        Clonability::Unknown => Strategy::Clone,
-    }
+    /// What every run's source allows (the AND of their [`Run::prot`]): a view asking
+    /// for no more needs no check run by run.
+    pub prot: i32,
 }
 
 /// The run being built.
@@ -337,12 +292,13 @@ struct Planner<'a, V: ?Sized> {
     base_page: usize,
     runs: Vec<Run>,
     open: Option<Open>,
-    /// The VMA of the last piece, to avoid asking the source again, and its index.
-    vma: Option<(Vma, u32)>,
-    /// Index of each VMA seen, by its whole identity: extent, file and offset.
-    vma_index: BTreeMap<(usize, usize, u64, u64, u64), u32>,
-    /// The VMAs seen, by index.
+    /// The VMAs the source told, by index (what [`Run::vma`] names): the one cache of a
+    /// plan, so that each VMA is asked for once.
     vmas_seen: Vec<Vma>,
+    /// Index in `vmas_seen` of the VMA starting at each address, for lookups by address.
+    by_start: BTreeMap<usize, u32>,
+    /// The index of the VMA of the last piece: most pieces are in the same one.
+    last_vma: Option<u32>,
     lead: usize,
     align: usize,
 }
@@ -410,9 +366,9 @@ pub fn plan_into<V: VmaSource + ?Sized>(
         base_page,
         runs,
         open: None,
-        vma: None,
-        vma_index: BTreeMap::new(),
         vmas_seen: Vec::new(),
+        by_start: BTreeMap::new(),
+        last_vma: None,
         lead: 0,
         align: base_page,
     };
@@ -461,7 +417,8 @@ pub fn plan_into<V: VmaSource + ?Sized>(
     if map_len > isize::MAX as usize - p.align {
         return Err(Error::TooLarge);
     }
-    *out = Plan { runs: p.runs, segments, len: total, lead: p.lead, map_len, align: p.align, vmas: p.vmas_seen };
+    let prot = p.runs.iter().fold(!0, |all, r| all & r.prot());
+    *out = Plan { runs: p.runs, segments, len: total, lead: p.lead, map_len, align: p.align, vmas: p.vmas_seen, prot };
     Ok(())
 }
 
@@ -485,20 +442,31 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
     }
 
     fn vma_at(&mut self, at: usize, index: usize) -> Result<(Vma, u32), Error> {
-        if let Some(v) = self.vma.filter(|(v, _)| v.contains(at)) {
-            return Ok(v);
+        let known = self.last_vma.filter(|&i| self.vmas_seen[i as usize].contains(at)).or_else(|| {
+            let (_, &i) = self.by_start.range(..=at).next_back()?;
+            self.vmas_seen[i as usize].contains(at).then_some(i)
+        });
+        if let Some(i) = known {
+            self.last_vma = Some(i);
+            return Ok((self.vmas_seen[i as usize], i));
         }
         let found =
-            self.vmas.vma_at(at).map_err(|source| Error::Os { op: "VMA lookup", index: Some(index), source })?;
+            self.vmas.vma_at(at).map_err(|source| Error::Os { op: Operation::VmaQuery, index: Some(index), source })?;
         // A source that answers with a VMA not covering `at` is treated as "not mapped",
         // so that the planner always makes progress.
         let v = found.filter(|v| v.contains(at)).ok_or(Error::NotMapped { index })?;
-        let next = self.vma_index.len() as u32;
-        let i = *self.vma_index.entry((v.start, v.end, v.offset, v.file.dev, v.file.ino)).or_insert(next);
-        if i == next {
-            self.vmas_seen.push(v);
-        }
-        self.vma = Some((v, i));
+        // Under a race, two lookups may find two mappings with one start: the index names
+        // the whole VMA (extent, file, offset), not its start.
+        let i = match self.by_start.get(&v.start) {
+            Some(&i) if self.vmas_seen[i as usize] == v => i,
+            _ => {
+                let i = self.vmas_seen.len() as u32;
+                self.vmas_seen.push(v);
+                self.by_start.insert(v.start, i);
+                i
+            }
+        };
+        self.last_vma = Some(i);
         Ok((v, i))
     }
 
@@ -517,6 +485,9 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         let window = vma.end.min(region_end);
         let piece_end = end.min(window);
         let span = region.map(|r| self.spans[r]);
+        if let Some(s) = span.filter(|s| !s.still_maps(&vma, at)) {
+            return Err(Error::StaleRegion { index, at, region: s.id });
+        }
         let page_size = vma.page_size.max(span.map_or(0, |s| s.page_size)).max(self.base_page);
         let offset = span.map(|s| s.offset_of(at));
 
@@ -531,6 +502,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
                 };
             if by_clone || by_fd {
                 open.run.clone = by_clone;
+                open.run.prot &= (vma.prot & 0xff) as u8;
                 if !by_fd {
                     open.run.region = NO_REGION;
                 }
@@ -637,8 +609,23 @@ mod tests {
     fn shared(start: usize, end: usize) -> Vma {
         Vma { start, end, prot: RW, shared: true, page_size: P, ..Default::default() }
     }
+    /// A shared mapping of file `ino` from `offset`.
+    fn file_vma(start: usize, end: usize, offset: u64, ino: u64) -> Vma {
+        Vma { offset, file: FileId { dev: 1, ino }, ..shared(start, end) }
+    }
+    /// A region of file `ino` from `offset`, as registered over `file_vma`s of it.
     fn span(start: usize, end: usize, offset: u64, ino: u64) -> RegionSpan {
-        RegionSpan { start, end, offset, file: FileId { dev: 1, ino }, page_size: P, mappable: true }
+        let file = FileId { dev: 1, ino };
+        RegionSpan {
+            start,
+            end,
+            offset,
+            file,
+            page_size: P,
+            mapped_file: file,
+            mapped_offset: offset,
+            ..Default::default()
+        }
     }
     fn run_plan(list: &[libc::iovec], vmas: &[Vma], regions: &[RegionSpan]) -> Result<Plan, Error> {
         let mut v = vmas.to_vec();
@@ -737,7 +724,7 @@ mod tests {
     #[test]
     fn registered_runs_carry_their_fd_offset_and_cross_vmas_by_fd() {
         // One region over two VMAs (say the VMM mprotected half of it): one fd run.
-        let vmas = [shared(0x10000, 0x14000), shared(0x14000, 0x18000)];
+        let vmas = [file_vma(0x10000, 0x14000, 0x100000, 7), file_vma(0x14000, 0x18000, 0x104000, 7)];
         let regions = [span(0x10000, 0x18000, 0x100000, 7)];
         let p = run_plan(&[iov(0x12000, 0x4000)], &vmas, &regions).unwrap();
         assert_eq!(p.runs.len(), 1);
@@ -751,7 +738,7 @@ mod tests {
     fn registered_pieces_of_one_file_coalesce_by_offset() {
         // The same file mapped twice; the list jumps from one alias to the other at
         // contiguous file offsets: one fd run, not clonable.
-        let vmas = [shared(0x10000, 0x14000), shared(0x40000, 0x44000)];
+        let vmas = [file_vma(0x10000, 0x14000, 0, 3), file_vma(0x40000, 0x44000, 0x4000, 3)];
         let regions = [span(0x10000, 0x14000, 0, 3), span(0x40000, 0x44000, 0x4000, 3)];
         let p = run_plan(&[iov(0x13000, P), iov(0x40000, P)], &vmas, &regions).unwrap();
         assert_eq!(p.runs.len(), 1);
@@ -759,13 +746,14 @@ mod tests {
         assert_eq!(p.runs[0].fd(), Some(FdSource { region: 0, offset: 0x3000 }));
         assert_eq!((p.runs[0].len(), p.map_len, p.len), (2 * P, 2 * P, 2 * P));
         // Different files never coalesce.
+        let vmas = [file_vma(0x10000, 0x14000, 0, 3), file_vma(0x40000, 0x44000, 0x4000, 4)];
         let regions = [span(0x10000, 0x14000, 0, 3), span(0x40000, 0x44000, 0x4000, 4)];
         assert_eq!(run_plan(&[iov(0x13000, P), iov(0x40000, P)], &vmas, &regions).unwrap().runs.len(), 2);
     }
 
     #[test]
     fn a_registered_and_an_unregistered_part_of_one_vma_clone_together() {
-        let vmas = [shared(0x10000, 0x20000)];
+        let vmas = [file_vma(0x10000, 0x20000, 0, 3)];
         let regions = [span(0x10000, 0x12000, 0, 3)];
         let p = run_plan(&[iov(0x11000, 2 * P)], &vmas, &regions).unwrap();
         assert_eq!(p.runs.len(), 1);
@@ -775,7 +763,7 @@ mod tests {
 
     #[test]
     fn huge_pages_align_runs_and_the_reservation() {
-        let huge = Vma { page_size: H, ..shared(0x4000_0000, 0x4080_0000) };
+        let huge = Vma { page_size: H, ..file_vma(0x4000_0000, 0x4080_0000, 0, 9) };
         let small = shared(0x10000, 0x300000);
         let regions = [RegionSpan { page_size: H, ..span(0x4000_0000, 0x4080_0000, 0, 9) }];
         // A 2 MiB-long 4 KiB run first keeps the huge run aligned in the view.
@@ -794,7 +782,7 @@ mod tests {
 
     #[test]
     fn a_segment_in_a_device_hole_is_refused_even_where_unmapped() {
-        let vmas = [shared(0x10000, 0x12000), shared(0x13000, 0x20000)];
+        let vmas = [file_vma(0x10000, 0x12000, 0, 5), file_vma(0x13000, 0x20000, 0x3000, 5)];
         let regions = [
             span(0x10000, 0x12000, 0, 5),
             RegionSpan { mappable: false, ..span(0x12000, 0x13000, 0x2000, 5) },
@@ -810,23 +798,30 @@ mod tests {
     }
 
     #[test]
-    fn strategies_follow_what_is_known() {
-        let vmas = [shared(0x10000, 0x14000), shared(0x14000, 0x18000)];
-        let regions = [span(0x10000, 0x18000, 0, 7)];
-        let registered_crossing = run_plan(&[iov(0x13000, 2 * P)], &vmas, &regions).unwrap().runs[0];
-        let registered = run_plan(&[iov(0x11000, P)], &vmas, &regions).unwrap().runs[0];
-        let plain = run_plan(&[iov(0x11000, P)], &vmas, &[]).unwrap().runs[0];
-        use Clonability::*;
-        for holes in [false, true] {
-            for c in [Unknown, Clones, Refused] {
-                assert_eq!(strategy(&registered_crossing, c, holes), Strategy::Fd, "a run across VMAs is never cloned");
-            }
-            assert_eq!(strategy(&registered, Refused, holes), Strategy::Fd);
-            assert_eq!(strategy(&plain, Refused, holes), Strategy::Fail);
-            assert_eq!(strategy(&plain, Clones, holes), Strategy::Clone);
+    fn a_registered_region_that_no_longer_maps_its_file_is_stale() {
+        let regions = [span(0x10000, 0x20000, 0x200000, 7)];
+        let list = [iov(0x10000, P), iov(0x15000, P)];
+        assert!(run_plan(&list, &[file_vma(0x10000, 0x20000, 0x200000, 7)], &regions).is_ok());
+        // Another file mapped there, the same file at another offset, anonymous memory:
+        // each names the segment and the registration.
+        let replaced =
+            [file_vma(0x10000, 0x20000, 0x200000, 8), file_vma(0x10000, 0x20000, 0, 7), shared(0x10000, 0x20000)];
+        for vma in replaced {
+            let vmas = [file_vma(0x10000, 0x14000, 0x200000, 7), Vma { start: 0x14000, ..vma }];
+            let e = run_plan(&list, &vmas, &regions).unwrap_err();
+            assert!(matches!(e, Error::StaleRegion { index: 1, at: 0x15000, .. }), "{vma:?}: {e:?}");
         }
-        assert_eq!(strategy(&plain, Unknown, false), Strategy::Clone);
-        assert_eq!(strategy(&plain, Unknown, true), Strategy::Probe);
+    }
+
+    #[test]
+    fn a_run_across_vmas_allows_what_all_of_them_allow() {
+        let ro = Vma { prot: libc::PROT_READ, ..file_vma(0x14000, 0x18000, 0x4000, 7) };
+        let vmas = [file_vma(0x10000, 0x14000, 0, 7), ro];
+        let regions = [span(0x10000, 0x18000, 0, 7)];
+        let p = run_plan(&[iov(0x13000, 2 * P)], &vmas, &regions).unwrap();
+        assert_eq!((p.runs.len(), p.runs[0].prot(), p.prot), (1, libc::PROT_READ, libc::PROT_READ));
+        let p = run_plan(&[iov(0x11000, P)], &vmas, &regions).unwrap();
+        assert_eq!(p.prot, RW);
     }
 
     #[test]

@@ -1,43 +1,105 @@
 //! The table of registered regions: host ranges whose backing fd and offset the caller
 //! told iovmap, so that runs the kernel will not clone can be mapped from the fd.
 
+use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
-/// Which file a region maps: runs of two regions on the same file at contiguous offsets
-/// can be placed by one fd mapping.
+use crate::strategy::Clonability;
+
+/// A file as the kernel names it: its device and inode.
 ///
 /// ```
-/// use iovmap::plan::FileId;
-/// assert_ne!(FileId { dev: 1, ino: 2 }, FileId { dev: 1, ino: 3 });
+/// let id = iovmap::FileId::new(0, 1, 2052);
+/// assert_eq!((id.major(), id.minor(), id.ino), (0, 1, 2052));
+/// assert_eq!(id.to_string(), "00:01 inode 2052");
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct FileId {
     /// The file's device as `major << 32 | minor`, the way /proc/self/maps and
     /// PROCMAP_QUERY name it, so that an id from `fstat` and one from a VMA compare.
     pub dev: u64,
-    /// `st_ino` of the file.
+    /// The inode number.
     pub ino: u64,
 }
 
 impl FileId {
     /// The id of the file on device `major:minor` with inode `ino`.
-    pub(crate) fn new(major: u32, minor: u32, ino: u64) -> Self {
-        FileId { dev: u64::from(major) << 32 | u64::from(minor), ino }
+    ///
+    /// ```
+    /// assert_eq!(iovmap::FileId::new(8, 1, 7).dev, 8 << 32 | 1);
+    /// ```
+    pub const fn new(major: u32, minor: u32, ino: u64) -> Self {
+        FileId { dev: (major as u64) << 32 | minor as u64, ino }
     }
 
     /// The id of a file from its `fstat` (`st_dev` as glibc encodes it, `st_ino`).
     pub(crate) fn from_stat(st_dev: u64, st_ino: u64) -> Self {
         FileId::new(libc::major(st_dev), libc::minor(st_dev), st_ino)
     }
+
+    /// The device's major number.
+    ///
+    /// ```
+    /// assert_eq!(iovmap::FileId::new(8, 1, 7).major(), 8);
+    /// ```
+    pub const fn major(&self) -> u32 {
+        (self.dev >> 32) as u32
+    }
+
+    /// The device's minor number.
+    ///
+    /// ```
+    /// assert_eq!(iovmap::FileId::new(8, 1, 7).minor(), 1);
+    /// ```
+    pub const fn minor(&self) -> u32 {
+        self.dev as u32
+    }
+}
+
+impl fmt::Display for FileId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == FileId::default() {
+            return f.write_str("no file (private anonymous memory)");
+        }
+        write!(f, "{:02x}:{:02x} inode {}", self.major(), self.minor(), self.ino)
+    }
+}
+
+/// The name of one registration: what [`Remapper::register`](crate::Remapper::register)
+/// returns and [`Remapper::unregister`](crate::Remapper::unregister) takes. A vfio region
+/// registered with its sparse areas is one registration.
+///
+/// ```
+/// # use std::os::fd::FromRawFd;
+/// # let file = unsafe { std::fs::File::from_raw_fd(libc::memfd_create(c"doc".as_ptr(), libc::MFD_CLOEXEC)) };
+/// # let page = iovmap::page_size();
+/// # file.set_len(2 * page as u64).unwrap();
+/// # let addr = unsafe { libc::mmap(std::ptr::null_mut(), 2 * page, libc::PROT_READ,
+/// #     libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(&file), 0) } as *const u8;
+/// let mut remapper = iovmap::Remapper::new();
+/// let a = remapper.register(addr, page, &file, 0)?;
+/// let b = remapper.register(addr.wrapping_add(page), page, &file, page as u64)?;
+/// assert_ne!(a, b);
+/// assert_eq!(remapper.regions().map(|r| r.id).collect::<Vec<_>>(), [a, b]);
+/// # unsafe { libc::munmap(addr as *mut _, 2 * page) };
+/// # Ok::<(), iovmap::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegionId(pub(crate) u64);
+
+impl fmt::Display for RegionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "region #{}", self.0)
+    }
 }
 
 /// What the planner knows of a registered region: pure data, no fd.
 ///
 /// ```
-/// use iovmap::plan::{FileId, RegionSpan};
+/// use iovmap::plan::RegionSpan;
 /// let bar = RegionSpan { start: 0x7000_0000, end: 0x7100_0000, offset: 0x200_0000_0000,
-///                        file: FileId::default(), page_size: 4096, mappable: true };
+///                        page_size: 4096, ..RegionSpan::default() };
 /// assert_eq!(bar.offset_of(0x7000_3000), 0x200_0000_3000);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,58 +110,88 @@ pub struct RegionSpan {
     pub end: usize,
     /// Offset in the file of the byte at `start`.
     pub offset: u64,
-    /// The file the fd refers to.
+    /// Which file the fd refers to, for coalescing: two regions' runs on the same file at
+    /// contiguous offsets can be placed by one fd mapping. Anonymous-inode files (which
+    /// all share one inode) get an identity of their own per registration.
     pub file: FileId,
     /// Page size of the file's mappings (huge page size on hugetlbfs).
     pub page_size: usize,
     /// False for a hole of a device region that must never be in a view (a vfio
     /// sparse-mmap gap such as an MSI-X table): a segment there is refused.
     pub mappable: bool,
+    /// The file the kernel reported mapped at `start` when the region was registered.
+    pub mapped_file: FileId,
+    /// The file offset the kernel reported for `start` then. It is `offset` for files
+    /// (the registration checks it); device drivers may report something else (vfio-pci
+    /// on Linux 6.1 reports the BAR's physical address), so what was seen is kept.
+    pub mapped_offset: u64,
+    /// The registration the region belongs to.
+    pub id: RegionId,
+}
+
+impl Default for RegionSpan {
+    fn default() -> Self {
+        RegionSpan {
+            start: 0,
+            end: 0,
+            offset: 0,
+            file: FileId::default(),
+            page_size: 4096,
+            mappable: true,
+            mapped_file: FileId::default(),
+            mapped_offset: 0,
+            id: RegionId(0),
+        }
+    }
 }
 
 impl RegionSpan {
     /// The file offset of host address `addr`, which must lie in the region.
     ///
     /// ```
-    /// # use iovmap::plan::{FileId, RegionSpan};
-    /// let r = RegionSpan { start: 0x1000, end: 0x5000, offset: 0x10000, file: FileId::default(), page_size: 4096,
-    ///                      mappable: true };
+    /// # use iovmap::plan::RegionSpan;
+    /// let r = RegionSpan { start: 0x1000, end: 0x5000, offset: 0x10000, ..RegionSpan::default() };
     /// assert_eq!(r.offset_of(0x1800), 0x10800);
     /// ```
     #[inline]
     pub fn offset_of(&self, addr: usize) -> u64 {
         self.offset + (addr - self.start) as u64
     }
+
+    /// Whether the kernel's VMA `vma`, which covers `addr` in the region, still maps what
+    /// was registered there: the same file at the same (reported) offset.
+    ///
+    /// ```
+    /// # use iovmap::plan::{RegionSpan, Vma};
+    /// # use iovmap::FileId;
+    /// let file = FileId::new(0, 1, 7);
+    /// let r = RegionSpan { start: 0x1000, end: 0x5000, offset: 0x10000, mapped_file: file,
+    ///                      mapped_offset: 0x10000, ..RegionSpan::default() };
+    /// let vma = Vma { start: 0x1000, end: 0x5000, offset: 0x10000, file, ..Vma::default() };
+    /// assert!(r.still_maps(&vma, 0x2000));
+    /// assert!(!r.still_maps(&Vma { offset: 0, ..vma }, 0x2000));
+    /// ```
+    #[inline]
+    pub fn still_maps(&self, vma: &crate::vma::Vma, addr: usize) -> bool {
+        let seen = vma.offset.wrapping_add((addr - vma.start) as u64);
+        let registered = self.mapped_offset.wrapping_add((addr - self.start) as u64);
+        vma.file == self.mapped_file && seen == registered
+    }
 }
 
-/// What iovmap has learned about cloning a region's mappings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum CloneState {
-    /// Not known: try the clone first (or, on kernels that punch holes, find out first).
-    Unknown,
-    /// A clone of it worked.
-    Clones,
-    /// The kernel refused with this errno: go straight to the fd.
-    Refused(i32),
-}
-
-/// A registered region: its span, the duplicated fd and what was learned about it.
+/// What iovmap keeps for a registered region besides its span.
 #[derive(Debug)]
-pub(crate) struct Region {
-    pub span: RegionSpan,
+pub(crate) struct RegionState {
     /// The duplicated fd; `None` for a hole.
     fd: Option<OwnedFd>,
-    /// The registration this region was made by: one `register` call, or all the areas
-    /// and holes of one `register_vfio_region` call. `unregister` removes a whole group.
-    group: u64,
-    /// 0: not known; -1: a clone worked; otherwise the errno of the refusal.
+    /// What is known about cloning the region's mapping ([`Clonability`] as stored by
+    /// [`Clonability::to_raw`]), learned by any map call and kept for later ones.
     clone: AtomicI32,
 }
 
-impl Region {
-    pub(crate) fn new(span: RegionSpan, fd: Option<OwnedFd>, group: u64) -> Self {
-        debug_assert_eq!(span.mappable, fd.is_some());
-        Region { span, fd, group, clone: AtomicI32::new(0) }
+impl RegionState {
+    pub(crate) fn new(fd: Option<OwnedFd>) -> Self {
+        RegionState { fd, clone: AtomicI32::new(Clonability::Unknown.to_raw()) }
     }
 
     /// The fd; the planner never gives a hole a run, so a hole has none to give.
@@ -107,52 +199,48 @@ impl Region {
         self.fd.as_ref().map(|f| f.as_fd())
     }
 
-    pub(crate) fn clone_state(&self) -> CloneState {
-        match self.clone.load(Ordering::Relaxed) {
-            0 => CloneState::Unknown,
-            -1 => CloneState::Clones,
-            errno => CloneState::Refused(errno),
-        }
+    pub(crate) fn clonability(&self) -> Clonability {
+        Clonability::from_raw(self.clone.load(Ordering::Relaxed))
     }
 
-    /// Remembers, for later runs and later map calls, whether the kernel clones this
-    /// region's mapping (`Ok`) or refuses with an errno.
-    pub(crate) fn learn(&self, clone: Result<(), i32>) {
-        self.clone.store(clone.map_or_else(|errno| errno.max(1), |()| -1), Ordering::Relaxed);
+    /// Remembers, for later runs and later map calls, what a clone of the region's
+    /// mapping gave.
+    pub(crate) fn learn(&self, known: Clonability) {
+        self.clone.store(known.to_raw(), Ordering::Relaxed);
     }
 }
 
-/// Registered regions, sorted by address and never overlapping. `spans` mirrors
-/// `regions` so the planner can take a plain slice.
+/// Registered regions, sorted by address and never overlapping: the spans the planner
+/// reads as a plain slice, and beside each (same index) its fd and what was learned.
 #[derive(Debug, Default)]
 pub(crate) struct Regions {
-    regions: Vec<Region>,
     spans: Vec<RegionSpan>,
-    next_group: u64,
+    state: Vec<RegionState>,
+    last_id: u64,
 }
 
 impl Regions {
     pub(crate) const fn new() -> Self {
-        Regions { regions: Vec::new(), spans: Vec::new(), next_group: 0 }
+        Regions { spans: Vec::new(), state: Vec::new(), last_id: 0 }
     }
 
-    /// A fresh registration group id.
-    pub(crate) fn new_group(&mut self) -> u64 {
-        self.next_group += 1;
-        self.next_group
+    /// A fresh registration id.
+    pub(crate) fn new_id(&mut self) -> RegionId {
+        self.last_id += 1;
+        RegionId(self.last_id)
     }
 
     pub(crate) fn spans(&self) -> &[RegionSpan] {
         &self.spans
     }
 
-    pub(crate) fn get(&self, index: usize) -> &Region {
-        &self.regions[index]
+    pub(crate) fn state(&self, index: usize) -> &RegionState {
+        &self.state[index]
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.regions.len()
+        self.spans.len()
     }
 
     /// The registered region overlapping `[start, end)`, if any.
@@ -162,23 +250,21 @@ impl Regions {
     }
 
     /// Inserts a region that overlaps none of the others.
-    pub(crate) fn insert(&mut self, region: Region) {
-        debug_assert!(self.overlapping(region.span.start, region.span.end).is_none());
-        let i = self.spans.partition_point(|s| s.start < region.span.start);
-        self.spans.insert(i, region.span);
-        self.regions.insert(i, region);
+    pub(crate) fn insert(&mut self, span: RegionSpan, state: RegionState) {
+        debug_assert!(self.overlapping(span.start, span.end).is_none());
+        debug_assert_eq!(span.mappable, state.fd.is_some());
+        let i = self.spans.partition_point(|s| s.start < span.start);
+        self.spans.insert(i, span);
+        self.state.insert(i, state);
     }
 
-    /// Removes the registration whose region starts exactly at `start`: that region and
-    /// every other region of its group. Returns how many regions went.
-    pub(crate) fn remove(&mut self, start: usize) -> usize {
-        let Ok(i) = self.spans.binary_search_by_key(&start, |s| s.start) else { return 0 };
-        let group = self.regions[i].group;
-        let before = self.regions.len();
-        let mut keep = self.regions.iter().map(|r| r.group != group);
-        self.spans.retain(|_| keep.next().unwrap_or(true));
-        self.regions.retain(|r| r.group != group);
-        before - self.regions.len()
+    /// Removes every region of registration `id`. Returns how many regions went.
+    pub(crate) fn remove(&mut self, id: RegionId) -> usize {
+        let before = self.spans.len();
+        let mut keep = self.spans.iter().map(|s| s.id != id);
+        self.state.retain(|_| keep.next().unwrap_or(true));
+        self.spans.retain(|s| s.id != id);
+        before - self.spans.len()
     }
 }
 
@@ -198,13 +284,17 @@ pub(crate) fn region_window(spans: &[RegionSpan], addr: usize) -> (Option<usize>
 mod tests {
     use super::*;
 
-    fn span(start: usize, end: usize) -> RegionSpan {
-        RegionSpan { start, end, offset: 0, file: FileId::default(), page_size: 4096, mappable: true }
+    fn span(start: usize, end: usize, id: u64) -> RegionSpan {
+        RegionSpan { start, end, id: RegionId(id), ..RegionSpan::default() }
+    }
+
+    fn fd() -> Option<OwnedFd> {
+        Some(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
     }
 
     #[test]
     fn windows_cover_regions_and_gaps() {
-        let spans = [span(0x1000, 0x3000), span(0x5000, 0x6000)];
+        let spans = [span(0x1000, 0x3000, 1), span(0x5000, 0x6000, 2)];
         assert_eq!(region_window(&spans, 0), (None, 0, 0x1000));
         assert_eq!(region_window(&spans, 0x1000), (Some(0), 0x1000, 0x3000));
         assert_eq!(region_window(&spans, 0x2fff), (Some(0), 0x1000, 0x3000));
@@ -217,34 +307,35 @@ mod tests {
     #[test]
     fn overlap_is_detected_on_either_side() {
         let mut r = Regions::new();
-        let fd = || Some(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-        let g = r.new_group();
-        r.insert(Region::new(span(0x4000, 0x8000), fd(), g));
+        let a = r.new_id();
+        r.insert(span(0x4000, 0x8000, a.0), RegionState::new(fd()));
         assert!(r.overlapping(0x3000, 0x4001).is_some());
         assert!(r.overlapping(0x7fff, 0x9000).is_some());
         assert!(r.overlapping(0x5000, 0x6000).is_some());
         assert!(r.overlapping(0x3000, 0x9000).is_some());
         assert!(r.overlapping(0x3000, 0x4000).is_none());
         assert!(r.overlapping(0x8000, 0x9000).is_none());
-        let g2 = r.new_group();
-        r.insert(Region::new(span(0x1000, 0x2000), fd(), g2));
+        let b = r.new_id();
+        r.insert(span(0x1000, 0x2000, b.0), RegionState::new(fd()));
         assert_eq!(r.spans()[0].start, 0x1000);
-        assert_eq!(r.remove(0x5000), 0);
-        assert_eq!(r.remove(0x4000), 1);
+        assert_eq!(r.remove(RegionId(99)), 0);
+        assert_eq!(r.remove(a), 1);
         assert_eq!(r.len(), 1);
+        assert_eq!(r.spans()[0].id, b);
     }
 
     #[test]
-    fn a_group_is_removed_whole() {
+    fn a_registration_is_removed_whole_and_state_stays_beside_its_span() {
         let mut r = Regions::new();
-        let fd = || Some(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-        let bar = r.new_group();
-        r.insert(Region::new(span(0x10000, 0x12000), fd(), bar));
-        r.insert(Region::new(RegionSpan { mappable: false, ..span(0x12000, 0x13000) }, None, bar));
-        r.insert(Region::new(span(0x13000, 0x20000), fd(), bar));
-        let other = r.new_group();
-        r.insert(Region::new(span(0x30000, 0x31000), fd(), other));
-        assert_eq!(r.remove(0x10000), 3);
+        let bar = r.new_id();
+        r.insert(span(0x10000, 0x12000, bar.0), RegionState::new(fd()));
+        r.insert(RegionSpan { mappable: false, ..span(0x12000, 0x13000, bar.0) }, RegionState::new(None));
+        r.insert(span(0x13000, 0x20000, bar.0), RegionState::new(fd()));
+        let other = r.new_id();
+        r.insert(span(0x30000, 0x31000, other.0), RegionState::new(fd()));
+        r.state(3).learn(Clonability::Refused(libc::EFAULT));
+        assert_eq!(r.remove(bar), 3);
         assert_eq!(r.spans().iter().map(|s| s.start).collect::<Vec<_>>(), [0x30000]);
+        assert_eq!(r.state(0).clonability(), Clonability::Refused(libc::EFAULT));
     }
 }

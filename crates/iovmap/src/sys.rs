@@ -4,79 +4,40 @@
 //! [`io::Result`] (errno is read here and nowhere else), and each `unsafe` block carries
 //! the argument for its soundness. Functions that can destroy or change memory the
 //! caller may not own (`MAP_FIXED`, `MREMAP_FIXED`, `munmap`, `mprotect`) are `unsafe fn`
-//! with a `# Safety` section; the others are safe.
+//! with a `# Safety` section; the others are safe. Memory iovmap owns (reservations,
+//! views) is passed as `NonNull<u8>`; other mappings' addresses, which are only looked
+//! up or cloned, never dereferenced, as `usize`.
 //!
-//! With the `fault-injection` feature, every wrapper first asks [`crate::fault`] whether
-//! it should fail; that is how the tests prove rollback at each syscall of the map path.
+//! Each wrapper of the map and register paths starts with one injection point naming its
+//! [`Operation`] and the range it would change; with the `fault-injection` feature (tests
+//! only) that is where a test makes it fail. Nothing else of fault injection is here.
 
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::OnceLock;
 
-#[cfg(feature = "fault-injection")]
-use crate::fault::check as inject;
+use crate::error::Operation;
+use crate::vma::{Vma, prot_of};
 
+#[cfg(feature = "fault-injection")]
+use crate::fault::inject;
+
+/// Without fault injection, the injection point is nothing.
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
-fn inject(_: Syscall) -> io::Result<()> {
+fn inject(_: Operation, _: std::ops::Range<usize>) -> io::Result<()> {
     Ok(())
 }
 
-/// The syscalls of the map path, as the fault injector names them.
-///
-/// ```
-/// # #[cfg(feature = "fault-injection")] {
-/// use iovmap::fault::Syscall;
-/// assert!(Syscall::ALL.contains(&Syscall::FdMap));
-/// # }
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
-pub enum Syscall {
-    /// The PROT_NONE reservation of the view's address range (`mmap`).
-    Reserve,
-    /// Unmapping the over-reserved head or tail of the reservation (`munmap`).
-    Trim,
-    /// Cloning a run into the reservation (`mremap` with `old_size` 0).
-    Clone,
-    /// Learning whether a mapping can be cloned, by a clone to an address the kernel
-    /// chooses (on kernels that punch holes; see `docs/design.md`).
-    CloneProbe,
-    /// Mapping a registered fd into the reservation (`mmap` with `MAP_FIXED`).
-    FdMap,
-    /// The final protection change of the view (`mprotect`).
-    Protect,
-    /// Prefaulting the view's RAM runs (`madvise(MADV_POPULATE_*)`).
-    Populate,
-    /// Asking which VMA covers an address (`ioctl(PROCMAP_QUERY)`).
-    VmaQuery,
-    /// Reading `/proc/self/maps` to look up VMAs, on kernels without PROCMAP_QUERY.
-    MapsRead,
-    /// Counting the process's VMAs (reading `/proc/self/maps`) to stay under
-    /// vm.max_map_count.
-    VmaCount,
-}
+/// No range: the call changes no mapping iovmap owns.
+const NOWHERE: std::ops::Range<usize> = 0..0;
 
-#[cfg(feature = "fault-injection")]
-impl Syscall {
-    /// Every syscall the injector can name, in a fixed order.
-    ///
-    /// ```
-    /// assert_eq!(iovmap::fault::Syscall::ALL.len(), 10);
-    /// ```
-    pub const ALL: [Syscall; 10] = [
-        Syscall::Reserve,
-        Syscall::Trim,
-        Syscall::Clone,
-        Syscall::CloneProbe,
-        Syscall::FdMap,
-        Syscall::Protect,
-        Syscall::Populate,
-        Syscall::VmaQuery,
-        Syscall::MapsRead,
-        Syscall::VmaCount,
-    ];
+/// `[p, p + len)` as addresses, for the injection point.
+#[inline(always)]
+fn span(p: NonNull<u8>, len: usize) -> std::ops::Range<usize> {
+    p.as_ptr() as usize..(p.as_ptr() as usize).wrapping_add(len)
 }
 
 /// The base page size of this machine (sysconf(_SC_PAGESIZE)), read once.
@@ -89,8 +50,13 @@ pub(crate) fn page_size() -> usize {
     })
 }
 
-fn check_ptr(ret: *mut libc::c_void) -> io::Result<usize> {
-    if ret == libc::MAP_FAILED { Err(io::Error::last_os_error()) } else { Ok(ret as usize) }
+fn check_ptr(ret: *mut libc::c_void) -> io::Result<NonNull<u8>> {
+    if ret == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // mmap and mremap never return NULL on success: page 0 is below vm.mmap_min_addr and
+    // is only handed out with MAP_FIXED, which no caller here passes it.
+    NonNull::new(ret.cast()).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))
 }
 
 fn check_int(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -102,8 +68,8 @@ fn check_int(ret: libc::c_int) -> io::Result<libc::c_int> {
 /// so that the VMA names the file and offset (PROT_NONE: nothing is ever read from it,
 /// and the file may be shorter than the range). The kernel chooses the address, so
 /// nothing existing is touched.
-pub(crate) fn reserve(len: usize, file: Option<(BorrowedFd<'_>, u64)>) -> io::Result<usize> {
-    inject(Syscall::Reserve)?;
+pub(crate) fn reserve(len: usize, file: Option<(BorrowedFd<'_>, u64)>) -> io::Result<NonNull<u8>> {
+    inject(Operation::Reserve, NOWHERE)?;
     let (flags, fd, offset) = match file {
         None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0),
         Some((fd, offset)) => (
@@ -122,17 +88,17 @@ pub(crate) fn reserve(len: usize, file: Option<(BorrowedFd<'_>, u64)>) -> io::Re
 /// # Safety
 /// The range must belong to the caller (a reservation or view it created) and no live
 /// reference into it may be used afterwards.
-pub(crate) unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
+pub(crate) unsafe fn unmap(addr: NonNull<u8>, len: usize) -> io::Result<()> {
     // SAFETY: forwarded to the caller's contract.
-    check_int(unsafe { libc::munmap(addr as *mut libc::c_void, len) }).map(drop)
+    check_int(unsafe { libc::munmap(addr.as_ptr().cast(), len) }).map(drop)
 }
 
 /// Unmaps the over-reserved head or tail of a reservation.
 ///
 /// # Safety
 /// As [`unmap`].
-pub(crate) unsafe fn trim(addr: usize, len: usize) -> io::Result<()> {
-    inject(Syscall::Trim)?;
+pub(crate) unsafe fn trim(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    inject(Operation::Trim, span(addr, len))?;
     // SAFETY: forwarded to the caller's contract.
     unsafe { unmap(addr, len) }
 }
@@ -143,18 +109,8 @@ pub(crate) unsafe fn trim(addr: usize, len: usize) -> io::Result<()> {
 /// # Safety
 /// `[dst, dst + len)` must lie inside a reservation the caller owns; whatever is mapped
 /// there is replaced.
-pub(crate) unsafe fn clone_fixed(src: usize, len: usize, dst: usize) -> io::Result<()> {
-    #[cfg(feature = "fault-injection")]
-    if let Err(e) = inject(Syscall::Clone) {
-        if crate::fault::emulating_holes() && matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EINVAL)) {
-            // Behave like Linux before 6.17: a refused MREMAP_FIXED (EFAULT, EINVAL) has
-            // unmapped dst; other failures (ENOMEM) come before the unmap.
-            // SAFETY: `dst` is owned by the caller (contract above).
-            unsafe { libc::munmap(dst as *mut libc::c_void, len) };
-            crate::fault::squat(dst, len);
-        }
-        return Err(e);
-    }
+pub(crate) unsafe fn clone_fixed(src: usize, len: usize, dst: NonNull<u8>) -> io::Result<()> {
+    inject(Operation::Clone, span(dst, len))?;
     // SAFETY: the kernel validates `src` (EFAULT if unmapped); `dst` is owned by the
     // caller, so replacing what is there is the intended effect.
     let ret = unsafe {
@@ -163,7 +119,7 @@ pub(crate) unsafe fn clone_fixed(src: usize, len: usize, dst: usize) -> io::Resu
             0,
             len,
             libc::MREMAP_FIXED | libc::MREMAP_MAYMOVE,
-            dst as *mut libc::c_void,
+            dst.as_ptr().cast::<libc::c_void>(),
         )
     };
     check_ptr(ret).map(drop)
@@ -172,31 +128,30 @@ pub(crate) unsafe fn clone_fixed(src: usize, len: usize, dst: usize) -> io::Resu
 /// Clones `[src, src + len)` to an address the kernel chooses and returns it: learns
 /// whether a mapping can be cloned without touching any range iovmap owns (on kernels
 /// that punch a hole at the destination of a refused clone).
-pub(crate) fn clone_anywhere(src: usize, len: usize) -> io::Result<usize> {
-    inject(Syscall::CloneProbe)?;
+pub(crate) fn clone_anywhere(src: usize, len: usize) -> io::Result<NonNull<u8>> {
+    inject(Operation::CloneProbe, NOWHERE)?;
     // SAFETY: without MREMAP_FIXED the kernel picks a free destination, and old_size 0
     // leaves the source mapping in place: no existing mapping is changed.
     check_ptr(unsafe { libc::mremap(src as *mut libc::c_void, 0, len, libc::MREMAP_MAYMOVE) })
 }
 
-/// `mmap(dst, len, prot, MAP_SHARED | placement, fd, offset)`, with the fault hook.
+/// `mmap(dst, len, prot, MAP_SHARED | placement, fd, offset)`.
 ///
 /// # Safety
 /// With `placement` MAP_FIXED, `[dst, dst + len)` must belong to the caller; with
 /// MAP_FIXED_NOREPLACE nothing existing can be replaced.
 unsafe fn map_fd_at(
-    dst: usize,
+    dst: NonNull<u8>,
     len: usize,
     prot: libc::c_int,
     fd: BorrowedFd<'_>,
     offset: u64,
     placement: libc::c_int,
-) -> io::Result<usize> {
-    inject(Syscall::FdMap)?;
+) -> io::Result<NonNull<u8>> {
     let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
     // SAFETY: forwarded to the caller's contract; `fd` is a live descriptor.
     check_ptr(unsafe {
-        libc::mmap(dst as *mut libc::c_void, len, prot, libc::MAP_SHARED | placement, fd.as_raw_fd(), offset)
+        libc::mmap(dst.as_ptr().cast(), len, prot, libc::MAP_SHARED | placement, fd.as_raw_fd(), offset)
     })
 }
 
@@ -206,12 +161,13 @@ unsafe fn map_fd_at(
 /// `[dst, dst + len)` must lie inside a reservation the caller owns; whatever is mapped
 /// there is replaced.
 pub(crate) unsafe fn map_fd_fixed(
-    dst: usize,
+    dst: NonNull<u8>,
     len: usize,
     prot: libc::c_int,
     fd: BorrowedFd<'_>,
     offset: u64,
 ) -> io::Result<()> {
+    inject(Operation::FdMap, span(dst, len))?;
     // SAFETY: forwarded to the caller's contract.
     unsafe { map_fd_at(dst, len, prot, fd, offset, libc::MAP_FIXED) }.map(drop)
 }
@@ -220,18 +176,19 @@ pub(crate) unsafe fn map_fd_fixed(
 /// is mapped there (MAP_FIXED_NOREPLACE): EEXIST if anything is. Used where a range of
 /// the reservation may have become a hole that another thread could have taken.
 pub(crate) fn map_fd_noreplace(
-    dst: usize,
+    dst: NonNull<u8>,
     len: usize,
     prot: libc::c_int,
     fd: BorrowedFd<'_>,
     offset: u64,
 ) -> io::Result<()> {
+    inject(Operation::RefillHole, span(dst, len))?;
     // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
     match unsafe { map_fd_at(dst, len, prot, fd, offset, libc::MAP_FIXED_NOREPLACE) } {
         // Kernels before 4.17 ignore the flag and may return another address.
         Ok(at) if at != dst => {
             // SAFETY: the mapping just made at `at` is ours and nothing refers to it.
-            unsafe { libc::munmap(at as *mut libc::c_void, len) };
+            unsafe { libc::munmap(at.as_ptr().cast(), len) };
             Err(io::Error::from_raw_os_error(libc::EEXIST))
         }
         r => r.map(drop),
@@ -254,7 +211,7 @@ pub(crate) fn truncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
 }
 
 /// Maps `len` bytes of `fd` from `offset`, shared, where the kernel chooses.
-pub(crate) fn map_shared(len: usize, prot: libc::c_int, fd: BorrowedFd<'_>, offset: u64) -> io::Result<usize> {
+pub(crate) fn map_shared(len: usize, prot: libc::c_int, fd: BorrowedFd<'_>, offset: u64) -> io::Result<NonNull<u8>> {
     // SAFETY: NULL address and no MAP_FIXED: the kernel picks free space, so no existing
     // mapping can be replaced.
     check_ptr(unsafe {
@@ -266,15 +223,20 @@ pub(crate) fn map_shared(len: usize, prot: libc::c_int, fd: BorrowedFd<'_>, offs
 ///
 /// # Safety
 /// `[old, old + old_len)` and `[dst, dst + new_len)` must belong to the caller.
-pub(crate) unsafe fn move_fixed(old: usize, old_len: usize, new_len: usize, dst: usize) -> io::Result<usize> {
+pub(crate) unsafe fn move_fixed(
+    old: NonNull<u8>,
+    old_len: usize,
+    new_len: usize,
+    dst: NonNull<u8>,
+) -> io::Result<NonNull<u8>> {
     // SAFETY: forwarded to the caller's contract.
     check_ptr(unsafe {
         libc::mremap(
-            old as *mut libc::c_void,
+            old.as_ptr().cast(),
             old_len,
             new_len,
             libc::MREMAP_FIXED | libc::MREMAP_MAYMOVE,
-            dst as *mut libc::c_void,
+            dst.as_ptr().cast::<libc::c_void>(),
         )
     })
 }
@@ -283,24 +245,25 @@ pub(crate) unsafe fn move_fixed(old: usize, old_len: usize, new_len: usize, dst:
 ///
 /// # Safety
 /// The range must belong to the caller.
-pub(crate) unsafe fn protect(addr: usize, len: usize, prot: libc::c_int) -> io::Result<()> {
-    inject(Syscall::Protect)?;
+pub(crate) unsafe fn protect(addr: NonNull<u8>, len: usize, prot: libc::c_int) -> io::Result<()> {
+    inject(Operation::Protect, span(addr, len))?;
     // SAFETY: forwarded to the caller's contract.
-    check_int(unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) }).map(drop)
+    check_int(unsafe { libc::mprotect(addr.as_ptr().cast(), len, prot) }).map(drop)
 }
 
 /// Prefaults `[addr, addr + len)` with MADV_POPULATE_WRITE (or _READ when `write` is
 /// false). Populating never changes the contents of memory.
-pub(crate) fn populate(addr: usize, len: usize, write: bool) -> io::Result<()> {
-    inject(Syscall::Populate)?;
+pub(crate) fn populate(addr: NonNull<u8>, len: usize, write: bool) -> io::Result<()> {
+    inject(Operation::Populate, span(addr, len))?;
     let advice = if write { libc::MADV_POPULATE_WRITE } else { libc::MADV_POPULATE_READ };
     // SAFETY: MADV_POPULATE_* only faults pages in as a user access would; it cannot
     // change memory contents or mappings. An unmapped range yields ENOMEM, not UB.
-    check_int(unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) }).map(drop)
+    check_int(unsafe { libc::madvise(addr.as_ptr().cast(), len, advice) }).map(drop)
 }
 
 /// Duplicates `fd` as a new close-on-exec descriptor.
 pub(crate) fn dup_cloexec(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    inject(Operation::DupFd, NOWHERE)?;
     // SAFETY: F_DUPFD_CLOEXEC on a live descriptor; the result is checked.
     let new = check_int(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) })?;
     // SAFETY: `new` is a fresh descriptor that nothing else owns.
@@ -327,6 +290,7 @@ const ANON_INODE_FS_MAGIC: libc::c_long = 0x0904_1934;
 
 /// fstat + fstatfs of `fd`.
 pub(crate) fn file_info(fd: BorrowedFd<'_>) -> io::Result<FileInfo> {
+    inject(Operation::FileStat, NOWHERE)?;
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `st` is a properly sized out-buffer; fstat fills it on success.
     check_int(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
@@ -416,28 +380,16 @@ const PROCMAP_QUERY: libc::c_ulong = 0xC068_6611;
 const _: () = assert!(std::mem::size_of::<ProcmapQuery>() == 104);
 
 /// Flags of a VMA as PROCMAP_QUERY reports them.
-pub(crate) const PROCMAP_READABLE: u64 = 0x1;
-pub(crate) const PROCMAP_WRITABLE: u64 = 0x2;
-pub(crate) const PROCMAP_EXECUTABLE: u64 = 0x4;
-pub(crate) const PROCMAP_SHARED: u64 = 0x8;
+const PROCMAP_READABLE: u64 = 0x1;
+const PROCMAP_WRITABLE: u64 = 0x2;
+const PROCMAP_EXECUTABLE: u64 = 0x4;
+const PROCMAP_SHARED: u64 = 0x8;
 
-/// The VMA covering one address, as PROCMAP_QUERY answers.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct QueriedVma {
-    pub start: u64,
-    pub end: u64,
-    pub flags: u64,
-    pub page_size: u64,
-    pub offset: u64,
-    pub inode: u64,
-    pub dev_major: u32,
-    pub dev_minor: u32,
-}
-
-/// Asks the kernel which VMA covers `addr`. `Ok(None)`: no VMA covers it.
-/// ENOTTY means the kernel predates PROCMAP_QUERY (before 6.11).
-pub(crate) fn procmap_query(maps: BorrowedFd<'_>, addr: usize) -> io::Result<Option<QueriedVma>> {
-    inject(Syscall::VmaQuery)?;
+/// Asks the kernel which VMA covers `addr`. `Ok(None)`: no VMA covers it (or one this
+/// platform's addresses cannot hold). ENOTTY means the kernel predates PROCMAP_QUERY
+/// (before 6.11).
+pub(crate) fn procmap_query(maps: BorrowedFd<'_>, addr: usize) -> io::Result<Option<Vma>> {
+    inject(Operation::VmaQuery, NOWHERE)?;
     let mut q = ProcmapQuery {
         size: std::mem::size_of::<ProcmapQuery>() as u64,
         query_addr: addr as u64,
@@ -447,25 +399,35 @@ pub(crate) fn procmap_query(maps: BorrowedFd<'_>, addr: usize) -> io::Result<Opt
     // the size assertion above), with no name or build-id buffers (sizes 0, addresses 0).
     let ret = unsafe { libc::ioctl(maps.as_raw_fd(), PROCMAP_QUERY, &mut q as *mut ProcmapQuery) };
     match check_int(ret) {
-        Ok(_) => Ok(Some(QueriedVma {
-            start: q.vma_start,
-            end: q.vma_end,
-            flags: q.vma_flags,
-            page_size: q.vma_page_size,
-            offset: q.vma_offset,
-            inode: q.inode,
-            dev_major: q.dev_major,
-            dev_minor: q.dev_minor,
-        })),
+        Ok(_) => {
+            let (Ok(start), Ok(end)) = (usize::try_from(q.vma_start), usize::try_from(q.vma_end)) else {
+                return Ok(None);
+            };
+            let flag = |f: u64| q.vma_flags & f != 0;
+            Ok(Some(Vma {
+                start,
+                end,
+                prot: prot_of(flag(PROCMAP_READABLE), flag(PROCMAP_WRITABLE), flag(PROCMAP_EXECUTABLE)),
+                shared: flag(PROCMAP_SHARED),
+                page_size: usize::try_from(q.vma_page_size).ok().filter(|p| p.is_power_of_two()).unwrap_or(page_size()),
+                offset: q.vma_offset,
+                file: crate::regions::FileId::new(q.dev_major, q.dev_minor, q.inode),
+            }))
+        }
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-/// Reads /proc/self/maps into `out`; `why` names it for fault injection (a VMA lookup,
-/// [`Syscall::MapsRead`], or a VMA count, [`Syscall::VmaCount`]).
-pub(crate) fn read_self_maps(why: Syscall, out: &mut Vec<u8>) -> io::Result<()> {
-    inject(why)?;
+/// Reads /proc/self/maps into `out`, to look VMAs up (kernels without PROCMAP_QUERY).
+pub(crate) fn read_maps(out: &mut Vec<u8>) -> io::Result<()> {
+    inject(Operation::MapsRead, NOWHERE)?;
+    read_file(c"/proc/self/maps", out)
+}
+
+/// Reads /proc/self/maps into `out`, to count the process's VMAs.
+pub(crate) fn read_maps_to_count(out: &mut Vec<u8>) -> io::Result<()> {
+    inject(Operation::VmaCount, NOWHERE)?;
     read_file(c"/proc/self/maps", out)
 }
 

@@ -8,10 +8,10 @@
 //! `Remapper::register_vfio_region` (feature `vfio`) reads the info from a
 //! `vfio_ioctls::VfioDevice`.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
-use crate::error::Error;
-use crate::regions::{Region, RegionSpan};
+use crate::error::{Error, RegionContext, RegionError};
+use crate::regions::{RegionId, RegionSpan};
 use crate::remapper::Remapper;
 use crate::vma::ProcessVmas;
 
@@ -33,7 +33,7 @@ pub const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
 ///     offset: 2 << 40, // vfio-pci puts region N at N << 40 in the device fd
 ///     sparse_areas: None,
 /// };
-/// assert_eq!(iovmap::vfio::mappable_areas(&bar2, 4096), Ok(vec![(0, 16 << 20)]));
+/// assert_eq!(iovmap::vfio::mappable_areas(&bar2, iovmap::page_size()), Ok(vec![(0, 16 << 20)]));
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VfioRegionInfo {
@@ -50,10 +50,90 @@ pub struct VfioRegionInfo {
     pub sparse_areas: Option<Vec<(u64, u64)>>,
 }
 
+/// Why a vfio region cannot be registered as its `VFIO_DEVICE_GET_REGION_INFO` describes
+/// it: what [`mappable_areas`] refuses.
+///
+/// ```
+/// use iovmap::vfio::{mappable_areas, RegionInfoError, VfioRegionInfo};
+/// let info = VfioRegionInfo { index: 1, flags: 0, size: 0x1000, offset: 1 << 40, sparse_areas: None };
+/// assert_eq!(mappable_areas(&info, 4096), Err(RegionInfoError::NotMmappable { index: 1, flags: 0 }));
+/// ```
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RegionInfoError {
+    /// The region lacks `VFIO_REGION_INFO_FLAG_MMAP`.
+    #[error(
+        "vfio region {index} cannot be mmapped (flags {flags:#x} lack VFIO_REGION_INFO_FLAG_MMAP): the VMM traps \
+         its accesses, so it cannot be part of a view"
+    )]
+    NotMmappable {
+        /// The region index.
+        index: u32,
+        /// Its flags.
+        flags: u32,
+    },
+    /// The region's size is 0.
+    #[error("vfio region {index} has size 0: nothing to register")]
+    Empty {
+        /// The region index.
+        index: u32,
+    },
+    /// The sparse-mmap capability lists no area of non-zero size.
+    #[error("vfio region {index} has a sparse-mmap capability with no mmappable area: nothing to register")]
+    NoMmappableArea {
+        /// The region index.
+        index: u32,
+    },
+    /// A sparse area runs past the region's end.
+    #[error(
+        "vfio region {index}: mmappable area [{offset:#x}, +{size:#x}) runs past the region's size {region_size:#x}"
+    )]
+    AreaPastEnd {
+        /// The region index.
+        index: u32,
+        /// The area's offset in the region.
+        offset: u64,
+        /// Its size.
+        size: u64,
+        /// The region's size.
+        region_size: u64,
+    },
+    /// A sparse area is not page aligned.
+    #[error(
+        "vfio region {index}: mmappable area [{offset:#x}, +{size:#x}) is not page aligned (page size {page_size:#x})"
+    )]
+    AreaUnaligned {
+        /// The region index.
+        index: u32,
+        /// The area's offset in the region.
+        offset: u64,
+        /// Its size.
+        size: u64,
+        /// The page size it must be aligned to.
+        page_size: usize,
+    },
+    /// Two sparse areas overlap.
+    #[error("vfio region {index}: mmappable areas overlap at {offset:#x}")]
+    AreasOverlap {
+        /// The region index.
+        index: u32,
+        /// Where the second one starts.
+        offset: u64,
+    },
+    /// The region is larger than this process's address space.
+    #[error("vfio region {index} ({size:#x} bytes) is larger than the address space")]
+    TooLarge {
+        /// The region index.
+        index: u32,
+        /// Its size.
+        size: u64,
+    },
+}
+
 /// The parts of a region that may be registered, as `(offset in region, size)`, sorted.
 ///
 /// ```
-/// use iovmap::vfio::{mappable_areas, VfioRegionInfo, VFIO_REGION_INFO_FLAG_MMAP};
+/// use iovmap::vfio::{mappable_areas, RegionInfoError, VfioRegionInfo, VFIO_REGION_INFO_FLAG_MMAP};
 /// // A 64 KiB BAR with an MSI-X table at 0x2000..0x3000 left out of the mmap.
 /// let info = VfioRegionInfo {
 ///     index: 0,
@@ -64,22 +144,19 @@ pub struct VfioRegionInfo {
 /// };
 /// assert_eq!(mappable_areas(&info, 4096), Ok(vec![(0, 0x2000), (0x3000, 0xd000)]));
 /// let no_mmap = VfioRegionInfo { flags: 0, ..info };
-/// assert!(mappable_areas(&no_mmap, 4096).unwrap_err().contains("VFIO_REGION_INFO_FLAG_MMAP"));
+/// assert!(matches!(mappable_areas(&no_mmap, 4096), Err(RegionInfoError::NotMmappable { index: 0, .. })));
 /// ```
 ///
 /// # Errors
-/// A reason, when the region cannot be mmapped at all, or its areas are malformed.
-pub fn mappable_areas(info: &VfioRegionInfo, page_size: usize) -> Result<Vec<(u64, u64)>, String> {
-    let n = info.index;
+/// A [`RegionInfoError`] when the region cannot be mmapped at all, or its areas are
+/// malformed.
+pub fn mappable_areas(info: &VfioRegionInfo, page_size: usize) -> Result<Vec<(u64, u64)>, RegionInfoError> {
+    let index = info.index;
     if info.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
-        return Err(format!(
-            "vfio region {n} cannot be mmapped (flags {:#x} lack VFIO_REGION_INFO_FLAG_MMAP): the VMM traps its \
-             accesses, so it cannot be part of a view",
-            info.flags
-        ));
+        return Err(RegionInfoError::NotMmappable { index, flags: info.flags });
     }
     if info.size == 0 {
-        return Err(format!("vfio region {n} has size 0"));
+        return Err(RegionInfoError::Empty { index });
     }
     let page = page_size as u64;
     let mut areas: Vec<(u64, u64)> = match &info.sparse_areas {
@@ -87,23 +164,19 @@ pub fn mappable_areas(info: &VfioRegionInfo, page_size: usize) -> Result<Vec<(u6
         Some(a) => a.iter().copied().filter(|&(_, size)| size > 0).collect(),
     };
     if areas.is_empty() {
-        return Err(format!("vfio region {n} has a sparse-mmap capability with no mmappable area"));
+        return Err(RegionInfoError::NoMmappableArea { index });
     }
     areas.sort_unstable();
     let mut end_of_previous = 0;
     for &(offset, size) in &areas {
-        let end = offset.checked_add(size).filter(|&e| e <= info.size);
-        let Some(end) = end else {
-            return Err(format!(
-                "vfio region {n}: mmappable area [{offset:#x}, +{size:#x}) runs past the region's size {:#x}",
-                info.size
-            ));
+        let Some(end) = offset.checked_add(size).filter(|&e| e <= info.size) else {
+            return Err(RegionInfoError::AreaPastEnd { index, offset, size, region_size: info.size });
         };
         if offset % page != 0 || size % page != 0 {
-            return Err(format!("vfio region {n}: mmappable area [{offset:#x}, +{size:#x}) is not page aligned"));
+            return Err(RegionInfoError::AreaUnaligned { index, offset, size, page_size });
         }
         if offset < end_of_previous {
-            return Err(format!("vfio region {n}: mmappable areas overlap at {offset:#x}"));
+            return Err(RegionInfoError::AreasOverlap { index, offset });
         }
         end_of_previous = end;
     }
@@ -115,13 +188,15 @@ impl Remapper {
     /// region, or its sparse areas each at `addr + area offset`): every mmappable area is
     /// registered with `device_fd` at `info.offset + area offset`, and the gaps between
     /// areas become holes that views refuse ([`Error::DeviceHole`]). One registration:
-    /// [`Remapper::unregister`]`(addr)` removes all of it.
+    /// [`Remapper::unregister`] with the id returned removes all of it.
     ///
     /// This is what `register_vfio_region` does with the info it reads from a
-    /// `vfio_ioctls::VfioDevice`; VMMs with their own vfio code call it directly.
+    /// `vfio_ioctls::VfioDevice`; VMMs with their own vfio code call it directly. What is
+    /// verified is as for [`Remapper::register`]: the device fd's file must be the file
+    /// mapped at each area; the offset the kernel reports for a BAR mapping is
+    /// driver-defined, so it is recorded, not compared with the fd offset.
     ///
     /// ```no_run
-    /// # use std::os::fd::AsFd;
     /// # fn f(device: std::fs::File, bar: *const u8) -> Result<(), iovmap::Error> {
     /// use iovmap::vfio::{VfioRegionInfo, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ};
     /// let info = VfioRegionInfo {
@@ -132,76 +207,61 @@ impl Remapper {
     ///     sparse_areas: None,
     /// };
     /// let mut remapper = iovmap::Remapper::new();
-    /// remapper.register_vfio_region_info(device.as_fd(), &info, bar)?;
+    /// let bar2 = remapper.register_vfio_region_info(&device, &info, bar)?;
+    /// # let _ = bar2;
     /// # Ok(()) }
     /// ```
     ///
     /// # Errors
-    /// [`Error::InvalidRegion`]: the region cannot be mmapped, an area is not mapped at
-    /// its address, overlaps a registered region... Nothing is registered then.
+    /// [`Error::InvalidRegion`] (with context [`RegionContext::Vfio`]): the region cannot
+    /// be mmapped ([`RegionError::Vfio`]), an area is not mapped at its address, overlaps
+    /// a registered region... Nothing is registered then.
     pub fn register_vfio_region_info(
         &mut self,
-        device_fd: BorrowedFd<'_>,
+        device_fd: impl AsFd,
         info: &VfioRegionInfo,
         addr: *const u8,
-    ) -> Result<(), Error> {
-        let invalid = |reason: String| Error::InvalidRegion { reason };
-        let page = crate::sys::page_size();
-        let areas = mappable_areas(info, page).map_err(invalid)?;
+    ) -> Result<RegionId, Error> {
+        let device_fd = device_fd.as_fd();
+        let context = RegionContext::Vfio { index: info.index };
         let base = addr as usize;
-        let size =
-            usize::try_from(info.size).map_err(|_| invalid(format!("vfio region {} is too large", info.index)))?;
-        if base % page != 0 || base.checked_add(size).is_none() {
-            return Err(invalid(format!("vfio region {} mapped at {base:#x}: not page aligned or wraps", info.index)));
+        let whole = |kind: RegionError| Error::InvalidRegion {
+            addr: base,
+            len: usize::try_from(info.size).unwrap_or(usize::MAX),
+            offset: info.offset,
+            context,
+            kind,
+        };
+        let page = crate::sys::page_size();
+        let areas = mappable_areas(info, page).map_err(|e| whole(e.into()))?;
+        let size = usize::try_from(info.size)
+            .map_err(|_| whole(RegionInfoError::TooLarge { index: info.index, size: info.size }.into()))?;
+        if base % page != 0 {
+            return Err(whole(RegionError::Unaligned { page_size: page }));
         }
-        // Validate every area (and take its fd) before anything is inserted.
+        if base.checked_add(size).is_none() {
+            return Err(whole(RegionError::Wraps));
+        }
+        // Validate every area before anything is registered; the gaps become holes.
         let mut vmas = ProcessVmas::new();
         let anon = crate::remapper::anon_file_id();
-        let mut spans = Vec::new();
+        let mut spans: Vec<(RegionSpan, Option<BorrowedFd<'_>>)> = Vec::new();
         let mut cursor = 0u64;
         for &(offset, len) in &areas {
             let at = base + offset as usize;
-            let fd_offset = info.offset.checked_add(offset).ok_or_else(|| invalid("fd offset overflows".into()))?;
-            let span = self
-                .check_region(at, len as usize, device_fd, fd_offset, &mut vmas, anon)
-                .map_err(|e| in_region(e, info.index))?;
+            let fd_offset = info.offset.checked_add(offset).ok_or_else(|| whole(RegionError::OffsetOverflow))?;
+            let span = self.check_region(at, len as usize, device_fd, fd_offset, &mut vmas, anon, context)?;
             if offset > cursor {
-                spans.push(hole(base, cursor, offset, span));
+                spans.push((hole(base, cursor, offset, span), None));
             }
             cursor = offset + len;
-            spans.push(span);
+            spans.push((span, Some(device_fd)));
         }
         if cursor < info.size {
-            let last = *spans.last().expect("at least one area");
-            spans.push(hole(base, cursor, info.size, last));
+            let last = spans.last().expect("at least one area").0;
+            spans.push((hole(base, cursor, info.size, last), None));
         }
-        for s in spans.iter().filter(|s| !s.mappable) {
-            if let Some(other) = self.regions.overlapping(s.start, s.end) {
-                return Err(invalid(format!(
-                    "vfio region {}: its unmappable part [{:#x}, {:#x}) overlaps the region [{:#x}, {:#x}) registered \
-                     earlier: unregister it first",
-                    info.index, s.start, s.end, other.start, other.end
-                )));
-            }
-        }
-        let mut fds = Vec::new();
-        for s in &spans {
-            fds.push(if s.mappable {
-                Some(
-                    crate::sys::dup_cloexec(device_fd)
-                        .map_err(|e| invalid(format!("cannot duplicate the device fd: {e}")))?,
-                )
-            } else {
-                None
-            });
-        }
-        let group = self.regions.new_group();
-        for (span, fd) in spans.into_iter().zip(fds) {
-            let region = Region::new(span, fd, group);
-            crate::holes::learn_at_registration(&region);
-            self.regions.insert(region);
-        }
-        Ok(())
+        self.commit(&spans, context)
     }
 
     /// Registers BAR `index` of `device`, which the VMM has mmapped at `addr` (the whole
@@ -211,7 +271,8 @@ impl Remapper {
     /// ```no_run
     /// # fn f(device: &vfio_ioctls::VfioDevice, bar2: *const u8) -> Result<(), iovmap::Error> {
     /// let mut remapper = iovmap::Remapper::new();
-    /// remapper.register_vfio_region(device, 2, bar2)?;
+    /// let id = remapper.register_vfio_region(device, 2, bar2)?;
+    /// # let _ = id;
     /// # Ok(()) }
     /// ```
     ///
@@ -223,7 +284,7 @@ impl Remapper {
         device: &vfio_ioctls::VfioDevice,
         index: u32,
         addr: *const u8,
-    ) -> Result<(), Error> {
+    ) -> Result<RegionId, Error> {
         use std::os::fd::AsRawFd;
         let info = info_of(device, index);
         // SAFETY: `device` owns this fd and outlives the borrow, which ends with this call
@@ -251,21 +312,7 @@ fn info_of(device: &vfio_ioctls::VfioDevice, index: u32) -> VfioRegionInfo {
 
 /// The unmappable part `[from, to)` of a region mapped at `base`, next to area `near`.
 fn hole(base: usize, from: u64, to: u64, near: RegionSpan) -> RegionSpan {
-    RegionSpan {
-        start: base + from as usize,
-        end: base + to as usize,
-        offset: near.offset,
-        file: near.file,
-        page_size: near.page_size,
-        mappable: false,
-    }
-}
-
-fn in_region(e: Error, index: u32) -> Error {
-    match e {
-        Error::InvalidRegion { reason } => Error::InvalidRegion { reason: format!("vfio region {index}: {reason}") },
-        other => other,
-    }
+    RegionSpan { start: base + from as usize, end: base + to as usize, mappable: false, ..near }
 }
 
 #[cfg(test)]
@@ -288,7 +335,9 @@ mod tests {
         let i =
             VfioRegionInfo { flags: VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE, ..info(0x1000, None) };
         let e = mappable_areas(&i, 4096).unwrap_err();
-        assert!(e.contains("VFIO_REGION_INFO_FLAG_MMAP") && e.contains("region 0"), "{e}");
+        assert_eq!(e, RegionInfoError::NotMmappable { index: 0, flags: i.flags });
+        let text = e.to_string();
+        assert!(text.contains("VFIO_REGION_INFO_FLAG_MMAP") && text.contains("region 0"), "{text}");
     }
 
     #[test]
@@ -308,9 +357,9 @@ mod tests {
             (vec![(0, 0x1800)], "not page aligned"),
             (vec![(0, 0x4000), (0x2000, 0x4000)], "overlap"),
         ] {
-            let e = mappable_areas(&info(0x10000, Some(sparse.clone())), 4096).unwrap_err();
+            let e = mappable_areas(&info(0x10000, Some(sparse.clone())), 4096).unwrap_err().to_string();
             assert!(e.contains(says), "{sparse:x?}: {e}");
         }
-        assert!(mappable_areas(&info(0, None), 4096).unwrap_err().contains("size 0"));
+        assert_eq!(mappable_areas(&info(0, None), 4096), Err(RegionInfoError::Empty { index: 0 }));
     }
 }

@@ -1,13 +1,29 @@
 //! The contiguous view: an RAII mapping that unmaps on drop.
 
+use std::ptr::NonNull;
+
+use crate::options::Access;
+
 /// What building a view took.
 ///
+/// `#[non_exhaustive]`: read its fields; later versions add counters (you cannot build
+/// one outside iovmap, which is what lets them).
+///
 /// ```
-/// # use iovmap::MapStats;
-/// let s = MapStats { segments: 262_144, runs: 1, cloned: 1, fd_mapped: 0, syscalls: 1 };
+/// # let page = iovmap::page_size();
+/// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
+/// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+/// let iov = |p: usize| libc::iovec { iov_base: unsafe { ram.add(p * page) }.cast(), iov_len: page };
+/// let view = iovmap::map(&[iov(0), iov(1), iov(3)])?;
+/// let s = view.stats();
+/// assert_eq!((s.segments, s.runs, s.cloned, s.fd_mapped, s.syscalls), (3, 2, 2, 0, 2));
 /// assert_eq!(s.runs, s.cloned + s.fd_mapped);
+/// # drop(view);
+/// # unsafe { libc::munmap(ram.cast(), 4 * page) };
+/// # Ok::<(), iovmap::Error>(())
 /// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MapStats {
     /// Non-empty segments in the list.
     pub segments: usize,
@@ -15,7 +31,7 @@ pub struct MapStats {
     pub runs: usize,
     /// Runs placed by cloning the source mapping (mremap).
     pub cloned: usize,
-    /// Runs placed by mapping a registered fd (mmap).
+    /// Runs placed by mapping a registered fd (mmap), device memory included.
     pub fd_mapped: usize,
     /// mremap/mmap attempts for runs, refused clones included (not the reservation, the
     /// final mprotect, or populate).
@@ -26,12 +42,13 @@ pub struct MapStats {
 ///
 /// The view aliases the original memory: writes through it are seen in the source and
 /// the other way round, and the guest may change the bytes at any time, so the view
-/// gives out raw pointers rather than `&[u8]`.
+/// gives out raw pointers (and, with the `vm-memory` feature, volatile slices) rather
+/// than `&[u8]`. A read-only view gives no `*mut u8` at all.
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// // Two pages of shared memory, listed in reverse order.
-/// let page = 4096;
+/// let page = iovmap::page_size();
 /// let ram = unsafe {
 ///     libc::mmap(std::ptr::null_mut(), 2 * page, libc::PROT_READ | libc::PROT_WRITE,
 ///                libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0)
@@ -51,23 +68,28 @@ pub struct MapStats {
 /// ```
 #[derive(Debug)]
 pub struct View {
-    base: usize,
+    base: NonNull<u8>,
     map_len: usize,
     lead: usize,
     len: usize,
     stats: MapStats,
+    access: Access,
 }
 
 // SAFETY: a View owns its address range exclusively (it was reserved for it and nothing
-// else maps there) and only hands out raw pointers; sharing or sending it across threads
-// cannot create a data race in safe code. Drop unmaps with a syscall that is thread-safe.
+// else maps there) and only hands out raw pointers and volatile slices; sharing or
+// sending it across threads cannot create a data race in safe code. Drop unmaps with a
+// syscall that is thread-safe.
 unsafe impl Send for View {}
 // SAFETY: as above; `&View` only reads plain fields.
 unsafe impl Sync for View {}
 
 impl View {
-    pub(crate) fn new(range: (usize, usize), lead: usize, len: usize, stats: MapStats) -> Self {
-        View { base: range.0, map_len: range.1, lead, len, stats }
+    /// A view of the mapped range `range` (owned from now on), whose first byte is `lead`
+    /// bytes into it.
+    pub(crate) fn new(range: (NonNull<u8>, usize), lead: usize, len: usize, stats: MapStats, access: Access) -> Self {
+        debug_assert!(lead + len <= range.1);
+        View { base: range.0, map_len: range.1, lead, len, stats, access }
     }
 
     /// The first byte of the view: the first byte of the first segment.
@@ -76,15 +98,53 @@ impl View {
     /// # let page = iovmap::page_size();
     /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
     /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
-    /// # let view = iovmap::map(&[libc::iovec { iov_base: unsafe { ram.add(100) }.cast(), iov_len: 200 }])?;
-    /// unsafe { view.as_ptr().write_volatile(1) };
-    /// assert_eq!(unsafe { ram.add(100).read_volatile() }, 1);
+    /// # unsafe { ram.add(100).write(9) };
+    /// let view = iovmap::map(&[libc::iovec { iov_base: unsafe { ram.add(100) }.cast(), iov_len: 200 }])?;
+    /// assert_eq!(unsafe { view.as_ptr().read_volatile() }, 9);
     /// # drop(view);
     /// # unsafe { libc::munmap(ram.cast(), 4 * page) };
     /// # Ok::<(), iovmap::Error>(())
     /// ```
-    pub fn as_ptr(&self) -> *mut u8 {
-        (self.base + self.lead) as *mut u8
+    pub fn as_ptr(&self) -> *const u8 {
+        // `lead` is less than a page into the mapped range (see `new`).
+        self.base.as_ptr().wrapping_add(self.lead)
+    }
+
+    /// The first byte of the view, for writing; `None` for a read-only view, through
+    /// which any write would fault.
+    ///
+    /// ```
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+    /// let iov = [libc::iovec { iov_base: unsafe { ram.add(100) }.cast(), iov_len: 200 }];
+    /// let view = iovmap::map(&iov)?;
+    /// unsafe { view.as_mut_ptr().unwrap().write_volatile(1) };
+    /// assert_eq!(unsafe { ram.add(100).read_volatile() }, 1);
+    /// let ro = iovmap::Remapper::new().map_with(&iov, iovmap::MapOptions::new().read_only())?;
+    /// assert!(ro.as_mut_ptr().is_none());
+    /// # drop((view, ro));
+    /// # unsafe { libc::munmap(ram.cast(), 4 * page) };
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    pub fn as_mut_ptr(&self) -> Option<*mut u8> {
+        (self.access == Access::ReadWrite).then(|| self.base.as_ptr().wrapping_add(self.lead))
+    }
+
+    /// The access the view was mapped with.
+    ///
+    /// ```
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+    /// let view = iovmap::map(&[libc::iovec { iov_base: ram.cast(), iov_len: page }])?;
+    /// assert_eq!(view.access(), iovmap::Access::ReadWrite);
+    /// # drop(view);
+    /// # unsafe { libc::munmap(ram.cast(), page) };
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    pub fn access(&self) -> Access {
+        self.access
     }
 
     /// The exact byte length of the view: the sum of the segment lengths.
@@ -150,16 +210,18 @@ impl View {
     /// # Ok::<(), iovmap::Error>(())
     /// ```
     pub fn mapped_range(&self) -> std::ops::Range<usize> {
-        self.base..self.base + self.map_len
+        let base = self.base.as_ptr() as usize;
+        base..base + self.map_len
     }
 }
 
 impl Drop for View {
     fn drop(&mut self) {
         // SAFETY: the range belongs to this view alone (see `Send`), and no reference into
-        // it can outlive `self` in safe code: the view hands out only raw pointers.
+        // it can outlive `self` in safe code: the view hands out raw pointers, and slices
+        // that borrow it.
         if let Err(e) = unsafe { crate::sys::unmap(self.base, self.map_len) } {
-            log::error!("iovmap: munmap of a view at {:#x} failed: {e}", self.base);
+            log::error!("iovmap: munmap of a view at {:p} failed: {e}", self.base);
         }
     }
 }

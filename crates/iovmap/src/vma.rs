@@ -4,10 +4,9 @@
 //! The model ([`Vma`], [`VmaSource`]) and the `/proc/self/maps` line parser are pure.
 //! [`ProcessVmas`] is the source used in production: it asks the kernel one address at
 //! a time with the `PROCMAP_QUERY` ioctl (Linux 6.11+, ~0.35 µs per query) and, on
-//! older kernels, parses `/proc/self/maps` once per map call. Either way each VMA is
-//! looked up at most once per call.
+//! older kernels, parses `/proc/self/maps` once per map call. It keeps nothing else: the
+//! planner remembers the VMAs it was told (each is looked up at most once per call).
 
-use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
@@ -121,16 +120,7 @@ pub fn parse_maps_line(line: &[u8], page_size: usize) -> Option<Vma> {
             _ => None,
         }
     };
-    let mut prot = 0;
-    if flag(0, b'r')? {
-        prot |= libc::PROT_READ;
-    }
-    if flag(1, b'w')? {
-        prot |= libc::PROT_WRITE;
-    }
-    if flag(2, b'x')? {
-        prot |= libc::PROT_EXEC;
-    }
+    let prot = prot_of(flag(0, b'r')?, flag(1, b'w')?, flag(2, b'x')?);
     let shared = match perms[3] {
         b's' => true,
         b'p' => false,
@@ -148,6 +138,7 @@ pub fn parse_maps_line(line: &[u8], page_size: usize) -> Option<Vma> {
 /// let v = parse_maps_line(b"1000-3000 r--p 0 0:0 0", 4096).unwrap();
 /// assert_eq!(format_maps_line(&v), "1000-3000 r--p 00000000 00:00 0");
 /// ```
+#[cfg(any(test, feature = "unstable-internals"))]
 pub fn format_maps_line(vma: &Vma) -> String {
     format!(
         "{:x}-{:x} {}{}{}{} {:08x} {:02x}:{:02x} {}",
@@ -162,6 +153,14 @@ pub fn format_maps_line(vma: &Vma) -> String {
         vma.file.dev & 0xffff_ffff,
         vma.file.ino,
     )
+}
+
+/// `PROT_*` bits from readable, writable, executable.
+#[inline]
+pub(crate) fn prot_of(read: bool, write: bool, exec: bool) -> i32 {
+    (if read { libc::PROT_READ } else { 0 })
+        | (if write { libc::PROT_WRITE } else { 0 })
+        | (if exec { libc::PROT_EXEC } else { 0 })
 }
 
 fn parse_dec(s: &[u8]) -> Option<u64> {
@@ -198,7 +197,7 @@ pub fn parse_maps(text: &[u8], page_size: usize) -> Vec<Vma> {
 /// Counts the VMAs of the calling process (lines of `/proc/self/maps`).
 pub(crate) fn count_process_vmas() -> io::Result<usize> {
     let mut buf = Vec::new();
-    sys::read_self_maps(sys::Syscall::VmaCount, &mut buf)?;
+    sys::read_maps_to_count(&mut buf)?;
     Ok(buf.iter().filter(|&&b| b == b'\n').count())
 }
 
@@ -226,10 +225,6 @@ fn with_maps_fd<T>(f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<T>)
     f(fd.as_fd())
 }
 
-fn query_kernel(addr: usize) -> io::Result<Option<sys::QueriedVma>> {
-    with_maps_fd(|fd| sys::procmap_query(fd, addr))
-}
-
 /// The VMAs covering each of `addrs`, as the kernel says now (nothing cached): one
 /// PROCMAP_QUERY each, the lock taken once per 256 (other threads' lookups wait at most
 /// that long), or, on kernels without PROCMAP_QUERY, one read of /proc/self/maps for all.
@@ -239,7 +234,7 @@ pub(crate) fn vmas_now(addrs: &[usize]) -> io::Result<Vec<Option<Vma>>> {
         for chunk in addrs.chunks(256) {
             with_maps_fd(|fd| {
                 for &a in chunk {
-                    out.push(sys::procmap_query(fd, a)?.and_then(to_vma));
+                    out.push(sys::procmap_query(fd, a)?);
                 }
                 Ok(())
             })?;
@@ -250,81 +245,36 @@ pub(crate) fn vmas_now(addrs: &[usize]) -> io::Result<Vec<Option<Vma>>> {
     addrs.iter().map(|&a| table.vma_at(a)).collect()
 }
 
-/// The VMAs of the calling process, looked up as the planner asks and cached for the
-/// rest of one map call.
+/// The VMAs of the calling process, looked up as the planner asks: one PROCMAP_QUERY per
+/// address, or, on kernels without it, one parse of /proc/self/maps per source.
 pub(crate) struct ProcessVmas {
-    seen: BTreeMap<usize, Vma>,
     /// On kernels without PROCMAP_QUERY: the whole /proc/self/maps, sorted.
     table: Option<Vec<Vma>>,
 }
 
 impl ProcessVmas {
     pub(crate) fn new() -> Self {
-        ProcessVmas { seen: BTreeMap::new(), table: None }
+        ProcessVmas { table: None }
     }
 
     fn lookup_in_maps_text(&mut self, addr: usize) -> io::Result<Option<Vma>> {
         if self.table.is_none() {
             let mut text = Vec::new();
-            sys::read_self_maps(sys::Syscall::MapsRead, &mut text)?;
+            sys::read_maps(&mut text)?;
             self.table = Some(parse_maps(&text, sys::page_size()));
         }
         let table = self.table.as_deref().unwrap_or_default();
         let i = table.partition_point(|v| v.start <= addr);
         Ok(i.checked_sub(1).map(|i| table[i]).filter(|v| v.contains(addr)))
     }
-
-    fn lookup_by_query(&mut self, addr: usize) -> io::Result<Option<Vma>> {
-        if let Some((_, v)) = self.seen.range(..=addr).next_back() {
-            if v.contains(addr) {
-                return Ok(Some(*v));
-            }
-        }
-        let found = query_one(addr)?;
-        if let Some(vma) = found {
-            self.seen.insert(vma.start, vma);
-        }
-        Ok(found)
-    }
-}
-
-/// One PROCMAP_QUERY, converted.
-fn query_one(addr: usize) -> io::Result<Option<Vma>> {
-    Ok(query_kernel(addr)?.and_then(to_vma))
-}
-
-/// A PROCMAP_QUERY reply as a [`Vma`] (`None` for a range this platform cannot hold).
-fn to_vma(q: sys::QueriedVma) -> Option<Vma> {
-    let (Ok(start), Ok(end)) = (usize::try_from(q.start), usize::try_from(q.end)) else {
-        return None;
-    };
-    let mut prot = 0;
-    if q.flags & sys::PROCMAP_READABLE != 0 {
-        prot |= libc::PROT_READ;
-    }
-    if q.flags & sys::PROCMAP_WRITABLE != 0 {
-        prot |= libc::PROT_WRITE;
-    }
-    if q.flags & sys::PROCMAP_EXECUTABLE != 0 {
-        prot |= libc::PROT_EXEC;
-    }
-    Some(Vma {
-        start,
-        end,
-        prot,
-        shared: q.flags & sys::PROCMAP_SHARED != 0,
-        page_size: usize::try_from(q.page_size).ok().filter(|p| p.is_power_of_two()).unwrap_or(sys::page_size()),
-        offset: q.offset,
-        file: FileId::new(q.dev_major, q.dev_minor, q.inode),
-    })
 }
 
 impl VmaSource for ProcessVmas {
     fn vma_at(&mut self, addr: usize) -> io::Result<Option<Vma>> {
         match QUERY_SUPPORT.load(Ordering::Relaxed) {
             QUERY_MISSING => self.lookup_in_maps_text(addr),
-            QUERY_WORKS => self.lookup_by_query(addr),
-            _ => match self.lookup_by_query(addr) {
+            QUERY_WORKS => with_maps_fd(|fd| sys::procmap_query(fd, addr)),
+            _ => match with_maps_fd(|fd| sys::procmap_query(fd, addr)) {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => {
                     log::debug!("PROCMAP_QUERY unavailable ({e}): reading /proc/self/maps instead");
                     QUERY_SUPPORT.store(QUERY_MISSING, Ordering::Relaxed);

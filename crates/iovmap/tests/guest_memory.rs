@@ -69,7 +69,7 @@ fn guest_scatter_lists_map_across_region_boundaries() {
         (GuestAddress((32 * MIB + 0x1000) as u64), p), // region 1
         (GuestAddress((16 * MIB - p) as u64), p),      // last page of region 0
     ];
-    let view = remapper.map_guest(&mem, &ranges, &MapOptions::default()).unwrap();
+    let view = remapper.map_guest(&mem, &ranges, MapOptions::new()).unwrap();
     let s = view.stats();
     assert_eq!(s.segments, 5, "the crossing entry became two segments");
     assert_eq!(s.runs, 5);
@@ -86,7 +86,7 @@ fn guest_scatter_lists_map_across_region_boundaries() {
     // The same list with a page in front of the crossing entry cannot keep the hugetlb
     // piece aligned: refused, naming the crossing entry (index 1 of this list).
     let shifted = [(GuestAddress(0), p), ranges[0]];
-    match remapper.map_guest(&mem, &shifted, &MapOptions::default()) {
+    match remapper.map_guest(&mem, &shifted, MapOptions::new()) {
         Err(Error::Unaligned { index: 1 }) if huge => {}
         Ok(_) if !huge => {} // all 4 KiB pages: nothing to misalign
         other => panic!("{other:?}"),
@@ -106,7 +106,7 @@ fn bad_guest_addresses_name_the_entry() {
         ("wraps", (GuestAddress(u64::MAX - 10), 100)),
     ];
     for (what, bad) in cases {
-        let e = remapper.map_guest(&mem, &[ok, ok, bad], &MapOptions::default()).unwrap_err();
+        let e = remapper.map_guest(&mem, &[ok, ok, bad], MapOptions::new()).unwrap_err();
         assert!(matches!(e, Error::NotInGuestMemory { index: 2 }), "{what}: {e:?}");
         assert!(e.to_string().contains("entry 2"), "{e}");
     }
@@ -123,7 +123,7 @@ fn host_level_errors_name_the_guest_entry_not_the_host_segment() {
         (GuestAddress(0), p),
         (GuestAddress(0x3000 + 100), p), // starts mid-page after other runs
     ];
-    let e = remapper.map_guest(&mem, &ranges, &MapOptions::default()).unwrap_err();
+    let e = remapper.map_guest(&mem, &ranges, MapOptions::new()).unwrap_err();
     assert!(matches!(e, Error::Unaligned { index: 2 }), "{e:?}");
 }
 
@@ -133,7 +133,7 @@ fn anonymous_private_guest_memory_is_not_shareable() {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let remapper = Remapper::from_guest_memory(&mem).unwrap();
     assert_eq!(remapper.regions().count(), 0, "no file, nothing to register");
-    let e = remapper.map_guest(&mem, &[(GuestAddress(0x1000), 0x1000)], &MapOptions::default()).unwrap_err();
+    let e = remapper.map_guest(&mem, &[(GuestAddress(0x1000), 0x1000)], MapOptions::new()).unwrap_err();
     assert!(matches!(e, Error::NotShareable { index: 0 }), "{e:?}");
 }
 
@@ -145,7 +145,7 @@ fn hugetlb_guest_ram_is_huge_aligned_in_the_view() {
     let mem = guest(true);
     let remapper = Remapper::from_guest_memory(&mem).unwrap();
     let ranges = [(GuestAddress((50 * MIB) as u64), 2 * MIB), (GuestAddress((48 * MIB) as u64), MIB)];
-    let view = remapper.map_guest(&mem, &ranges, &MapOptions::default()).unwrap();
+    let view = remapper.map_guest(&mem, &ranges, MapOptions::new()).unwrap();
     assert_eq!(view.as_ptr() as usize % (2 * MIB), 0);
     assert_eq!((view.stats().runs, view.stats().fd_mapped), (2, 2));
     assert_matches(&view.as_volatile_slice(), &mem, &ranges);

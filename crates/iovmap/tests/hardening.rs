@@ -20,8 +20,8 @@
 #[path = "support/steady.rs"]
 mod steady;
 
-use iovmap::fault::{Faults, Syscall};
-use iovmap::{Access, Error, MapOptions, Remapper, View};
+use iovmap::fault::{Faults, Operation};
+use iovmap::{Error, MapOptions, Remapper, View};
 use iovmap_testkit::{self as kit, BpfArray, Counts, GuestRam, Mapping, PerfRing};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
@@ -41,7 +41,7 @@ fn main() {
 }
 
 fn regions(r: &Remapper) -> Vec<(usize, usize, u64)> {
-    r.regions().map(|(a, l, o)| (a as usize, l, o)).collect()
+    r.regions().map(|g| (g.addr as usize, g.len, g.offset)).collect()
 }
 
 #[track_caller]
@@ -67,7 +67,7 @@ fn sweep(
     drop(map().unwrap_or_else(|e| panic!("{what}: {e}")));
     let faults = arm();
     let view = map().unwrap_or_else(|e| panic!("{what}: {e}"));
-    let calls: Vec<(Syscall, usize)> = Syscall::ALL.iter().map(|&s| (s, faults.calls(s))).collect();
+    let calls: Vec<(Operation, usize)> = Operation::ALL.iter().map(|&s| (s, faults.calls(s))).collect();
     drop(faults);
     drop(view);
     let before = Counts::now();
@@ -129,12 +129,12 @@ fn faults_in_a_read_only_populated_view_with_fd_runs() {
         }
         Err(e) => eprintln!("SKIP part: no huge pages: {e}"),
     }
-    let opts = MapOptions { access: Access::ReadOnly, populate: true };
-    let view = r.map_with(&list, &opts).unwrap();
+    let opts = MapOptions::new().read_only().populate();
+    let view = r.map_with(&list, opts).unwrap();
     assert_view_matches(&view, &list);
     assert!(view.stats().cloned >= 3);
     drop(view);
-    let (n, reached) = sweep("read-only, populate, mixed", &Faults::new, &|| r.map_with(&list, &opts), &|| regions(&r));
+    let (n, reached) = sweep("read-only, populate, mixed", &Faults::new, &|| r.map_with(&list, opts), &|| regions(&r));
     assert!(n > 0);
     for m in ["Reserve", "Clone", "Protect", "Populate"] {
         assert!(reached.contains(m), "never failed {m}");
@@ -171,14 +171,14 @@ fn faults_on_a_kernel_that_punches_holes() {
     } else {
         eprintln!("SKIP part: no BPF array");
     }
-    let opts = MapOptions { access: Access::ReadWrite, populate: true };
+    let opts = MapOptions::new().populate();
     {
         let faults = holes();
-        let view = r.map_with(&list, &opts).unwrap();
+        let view = r.map_with(&list, opts).unwrap();
         assert_view_matches(&view, &list);
-        assert_eq!(faults.calls(Syscall::CloneProbe), 2, "one probe for each unregistered VMA");
+        assert_eq!(faults.calls(Operation::CloneProbe), 2, "one probe for each unregistered VMA");
     }
-    let (n, reached) = sweep("holes kernel", &holes, &|| r.map_with(&list, &opts), &|| regions(&r));
+    let (n, reached) = sweep("holes kernel", &holes, &|| r.map_with(&list, opts), &|| regions(&r));
     assert!(n > 0);
     assert!(reached.contains("CloneProbe"), "never failed a clone probe");
 }
@@ -223,7 +223,7 @@ fn faults_and_errors_of_map_guest() {
             (GuestAddress(0x5000), 3 * p),
             (GuestAddress((8 * MIB + p) as u64), p),
         ];
-        let view = r.map_guest(&mem, &ranges, &opts).unwrap();
+        let view = r.map_guest(&mem, &ranges, opts).unwrap();
         assert_eq!(view.stats().segments, 4);
         drop(view);
 
@@ -247,15 +247,15 @@ fn faults_and_errors_of_map_guest() {
             }),
         ];
         for (what, list, want) in &bad {
-            let e = r.map_guest(&mem, list, &opts).expect_err(what);
+            let e = r.map_guest(&mem, list, opts).expect_err(what);
             assert!(want(&e), "{what}: {e:?}");
             before.assert_unchanged(what);
             assert_eq!(regions(&r), table, "{what}");
         }
-        sweep("map_guest", &Faults::new, &|| r.map_guest(&mem, &ranges, &opts), &|| regions(&r));
+        sweep("map_guest", &Faults::new, &|| r.map_guest(&mem, &ranges, opts), &|| regions(&r));
         // A failure at the second segment's placement names the guest entry it came from.
-        let faults = Faults::new().fail(Syscall::Clone, 1, libc::EIO);
-        let e = r.map_guest(&mem, &ranges, &opts).unwrap_err();
+        let faults = Faults::new().fail(Operation::Clone, 1, libc::EIO);
+        let e = r.map_guest(&mem, &ranges, opts).unwrap_err();
         assert!(faults.fired());
         drop(faults);
         // Clones: entry 0's memfd half, then (its hugetlb half being fd-mapped) entry 1.
@@ -348,7 +348,7 @@ fn vma_cap_pressure_at_several_distances() {
             let before = Counts::now();
             let faults = Faults::new();
             let got = iovmap::map(&l);
-            let reserved = faults.calls(Syscall::Reserve);
+            let reserved = faults.calls(Operation::Reserve);
             drop(faults);
             let what = format!("{runs} runs, {d} VMAs available");
             match got {
@@ -428,7 +428,7 @@ fn views_outlive_every_kind_of_source() {
         // It still aliases the memfd: a write through it reaches the file.
         let at = ram_at + 5;
         // SAFETY: in bounds of the live, writable view.
-        unsafe { view.as_ptr().add(at).write_volatile(0x77) };
+        unsafe { view.as_mut_ptr().unwrap().add(at).write_volatile(0x77) };
         let mut b = [0u8];
         keep.read_exact_at(&mut b, (3 * p + 5) as u64).unwrap();
         assert_eq!(b[0], 0x77, "a write through the view missed the memfd");

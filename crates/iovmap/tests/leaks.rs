@@ -13,11 +13,11 @@
 #[path = "support/steady.rs"]
 mod steady;
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
-use iovmap::fault::{Faults, Syscall};
+use iovmap::fault::Faults;
 use iovmap::vfio::{VFIO_REGION_INFO_FLAG_MMAP, VfioRegionInfo};
-use iovmap::{Access, Error, MapOptions, Remapper};
+use iovmap::{Error, MapOptions, Operation, RegionContext, RegionError, Remapper};
 use iovmap_testkit::workloads::Rng;
 use iovmap_testkit::{self as kit, BpfArray, Counts, GuestRam, IoUringSq, Mapping, PerfRing};
 
@@ -52,7 +52,7 @@ fn warm_up() {
 }
 
 fn regions(r: &Remapper) -> Vec<(usize, usize, u64)> {
-    r.regions().map(|(a, l, o)| (a as usize, l, o)).collect()
+    r.regions().map(|g| (g.addr as usize, g.len, g.offset)).collect()
 }
 
 /// A list that must fail, and how.
@@ -84,9 +84,9 @@ fn error_paths_leave_nothing_behind() {
         ("private", vec![ram.iov(0, page()), private.iov(0, page())], |e| {
             matches!(e, Error::NotShareable { index: 1 })
         }),
-        // The clone of page 0 succeeds, then mprotect refuses: the placed run is undone.
-        ("not writable", vec![ram.iov(0, page()), ro_map.iov(page(), page())], |e| {
-            matches!(e, Error::NotWritable { index: 1 })
+        // A read-write view of a read-only mapping is refused before anything is mapped.
+        ("beyond its source", vec![ram.iov(0, page()), ro_map.iov(page(), page())], |e| {
+            matches!(e, Error::ExceedsSource { index: 1, prot: libc::PROT_READ, .. })
         }),
     ];
     if let Some(ring) = &ring {
@@ -111,33 +111,77 @@ fn error_paths_leave_nothing_behind() {
         before.assert_unchanged(what);
         assert_eq!(regions(&r), table, "{what}: registered table changed");
     }
+    // Asked to raise it, the clone of page 0 succeeds, then mprotect refuses (the fd was
+    // opened read-only): the placed run is undone.
+    let raise = MapOptions::new().raise_source_protection();
+    let e = r.map_with(&[ram.iov(0, page()), ro_map.iov(page(), page())], raise).unwrap_err();
+    assert!(matches!(e, Error::NotWritable { index: 1 }), "{e:?}");
+    before.assert_unchanged("not writable");
 }
+
+/// A registration that must fail, and how.
+type RegistrationCase<'a> = (&'a str, *const u8, usize, BorrowedFd<'a>, u64, fn(&RegionError) -> bool);
 
 fn registration_errors_leave_nothing_behind() {
     let ram = GuestRam::new(16 * page()).unwrap();
+    let other = GuestRam::new(16 * page()).unwrap();
     let private = Mapping::anon_private(4 * page()).unwrap();
+    let (pipe_r, _pipe_w) = kit::pipe().unwrap();
     let gone_ptr = kit::unmapped_address();
     let mut r = Remapper::new();
     r.register(ram.ptr(), 8 * page(), ram.fd(), 0).unwrap();
     let before = Counts::now();
     let table = regions(&r);
     let p = page();
-    let bad: Vec<(&str, *const u8, usize, u64, &str)> = vec![
-        ("zero length", ram.ptr(), 0, 0, "length 0"),
-        ("overlap", ram.ptr().wrapping_add(4 * p), 8 * p, 4 * p as u64, "overlaps"),
-        ("file too short", ram.ptr().wrapping_add(8 * p), 8 * p, 16 * p as u64, "shorter"),
-        ("unaligned address", ram.ptr().wrapping_add(8 * p + 1), p, 0, "aligned"),
-        ("unaligned offset", ram.ptr().wrapping_add(8 * p), p, 7, "aligned"),
-        ("unaligned length", ram.ptr().wrapping_add(8 * p), p + 1, 0, "aligned"),
-        ("wraps", usize::MAX as *const u8, 2 * p, 0, "wraps"),
-        ("not mapped", gone_ptr, p, 0, "not mapped"),
-        ("private", private.ptr(), p, 0, "private"),
+    let at = |pages: usize| ram.ptr().wrapping_add(pages * p) as *const u8;
+    let fd = ram.fd();
+    let bad: Vec<RegistrationCase> = vec![
+        ("zero length", at(0), 0, fd, 0, |k| matches!(k, RegionError::Empty)),
+        ("overlap", at(4), 8 * p, fd, 4 * p as u64, |k| matches!(k, RegionError::Overlap { .. })),
+        ("file too short", at(8), 8 * p, fd, 16 * p as u64, |k| matches!(k, RegionError::FileTooShort { .. })),
+        ("unaligned address", ram.ptr().wrapping_add(8 * p + 1), p, fd, 0, |k| {
+            matches!(k, RegionError::Unaligned { .. })
+        }),
+        ("unaligned offset", at(8), p, fd, 7, |k| matches!(k, RegionError::Unaligned { .. })),
+        ("unaligned length", at(8), p + 1, fd, 0, |k| matches!(k, RegionError::Unaligned { .. })),
+        ("wraps", (usize::MAX - p + 1) as *const u8, 2 * p, fd, 0, |k| matches!(k, RegionError::Wraps)),
+        ("offset overflows", at(8), p, fd, u64::MAX - p as u64 + 1, |k| matches!(k, RegionError::OffsetOverflow)),
+        ("not mapped", gone_ptr, p, fd, 0, |k| matches!(k, RegionError::NotMapped { .. })),
+        ("private", private.ptr(), p, fd, 0, |k| matches!(k, RegionError::Private { .. })),
+        ("another file's fd", at(8), p, other.fd(), 8 * p as u64, |k| matches!(k, RegionError::NotTheFile { .. })),
+        ("a pipe", at(8), p, pipe_r.as_fd(), 8 * p as u64, |k| matches!(k, RegionError::NotTheFile { .. })),
+        ("wrong offset", at(8), p, fd, 9 * p as u64, |k| matches!(k, RegionError::WrongOffset { .. })),
     ];
-    for (what, addr, len, off, says) in bad {
-        let e = r.register(addr, len, ram.fd(), off).expect_err(what);
-        assert!(matches!(&e, Error::InvalidRegion { reason } if reason.contains(says)), "{what}: {e}");
+    for (what, addr, len, fd, off, kind) in bad {
+        let e = r.register(addr, len, fd, off).expect_err(what);
+        assert!(
+            matches!(&e, Error::InvalidRegion { addr: a, len: l, offset: o, context: RegionContext::Register, kind: k }
+                if *a == addr as usize && *l == len && *o == off && kind(k)),
+            "{what}: {e:?}"
+        );
+        assert!(e.to_string().starts_with("cannot register ["), "{what}: {e}");
         before.assert_unchanged(what);
         assert_eq!(regions(&r), table, "{what}: registered table changed");
+    }
+    // The syscalls a registration makes, failed one by one: nothing registered, no fd kept.
+    for op in [Operation::FileStat, Operation::VmaQuery, Operation::MapsRead, Operation::DupFd] {
+        let faults = Faults::new().fail(op, 0, libc::EIO);
+        let res = r.register(at(8), 8 * p, fd, 8 * p as u64);
+        if !faults.fired() {
+            assert!(res.is_ok(), "{op:?}: {res:?}");
+            drop(faults);
+            r.unregister(res.unwrap()).unwrap();
+            continue; // PROCMAP_QUERY or /proc/self/maps, whichever this kernel uses
+        }
+        let e = res.expect_err("an injected failure");
+        assert!(
+            matches!(&e, Error::InvalidRegion { kind: RegionError::Os { op: o, source }, .. }
+                if (*o == op || (op == Operation::MapsRead && *o == Operation::VmaQuery)) && source.raw_os_error() == Some(libc::EIO)),
+            "{op:?}: {e:?}"
+        );
+        drop(faults);
+        before.assert_unchanged(&format!("registration failing at {op:?}"));
+        assert_eq!(regions(&r), table, "{op:?}: registered table changed");
     }
     // A vfio registration of several areas fails whole: the first area was fine.
     let sparse = VfioRegionInfo {
@@ -145,20 +189,44 @@ fn registration_errors_leave_nothing_behind() {
         flags: VFIO_REGION_INFO_FLAG_MMAP,
         size: 8 * p as u64,
         offset: 8 * p as u64,
-        sparse_areas: Some(vec![(0, 2 * p as u64), (4 * p as u64, 8 * p as u64)]),
+        sparse_areas: Some(vec![(0, 2 * p as u64), (4 * p as u64, 2 * p as u64)]),
     };
-    let e = r.register_vfio_region_info(ram.fd(), &sparse, ram.ptr().wrapping_add(8 * p)).unwrap_err();
-    assert!(matches!(&e, Error::InvalidRegion { reason } if reason.contains("vfio region 2")), "{e}");
-    let no_mmap = VfioRegionInfo { flags: 0, sparse_areas: None, ..sparse };
-    assert!(r.register_vfio_region_info(ram.fd(), &no_mmap, ram.ptr().wrapping_add(8 * p)).is_err());
+    let other_file =
+        VfioRegionInfo { sparse_areas: Some(vec![(0, 2 * p as u64), (4 * p as u64, 2 * p as u64)]), ..sparse.clone() };
+    let e = r.register_vfio_region_info(other.fd(), &other_file, at(8)).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            Error::InvalidRegion {
+                context: RegionContext::Vfio { index: 2 },
+                kind: RegionError::NotTheFile { .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let past_end =
+        VfioRegionInfo { sparse_areas: Some(vec![(0, 2 * p as u64), (4 * p as u64, 8 * p as u64)]), ..sparse };
+    let e = r.register_vfio_region_info(ram.fd(), &past_end, at(8)).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            Error::InvalidRegion { context: RegionContext::Vfio { index: 2 }, kind: RegionError::Vfio(_), .. }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("vfio region 2"), "{e}");
+    let no_mmap = VfioRegionInfo { flags: 0, sparse_areas: None, ..past_end };
+    assert!(r.register_vfio_region_info(ram.fd(), &no_mmap, at(8)).is_err());
     before.assert_unchanged("vfio registrations");
     assert_eq!(regions(&r), table);
 
-    let e = r.unregister(ram.ptr().wrapping_add(p)).unwrap_err();
-    assert!(e.to_string().contains("no region is registered"), "{e}");
-    // Unregistering closes the duplicated fd.
-    r.unregister(ram.ptr()).unwrap();
+    // Unregistering closes the duplicated fd; an id that is gone is refused.
+    let id = r.regions().next().unwrap().id;
+    r.unregister(id).unwrap();
     assert_eq!(kit::count_fds(), before.fds - 1);
+    let e = r.unregister(id).unwrap_err();
+    assert!(matches!(e, Error::NotRegistered { id: gone } if gone == id), "{e:?}");
 }
 
 /// One scenario of the fault-injection sweep: a remapper, a list, options.
@@ -190,17 +258,12 @@ fn injected_failures_roll_back_at_every_syscall() {
     list.push(ram.iov(40 * p, p));
     let plain = Remapper::new();
     let mut scenarios = vec![
-        Scenario {
-            name: "mixed, populate",
-            remapper: &mixed,
-            list: list.clone(),
-            opts: MapOptions { populate: true, ..Default::default() },
-        },
+        Scenario { name: "mixed, populate", remapper: &mixed, list: list.clone(), opts: MapOptions::new().populate() },
         Scenario {
             name: "read-only (mprotect)",
             remapper: &plain,
             list: vec![ram.iov(0, p), ram.iov(8 * p, 8 * p)],
-            opts: MapOptions { access: Access::ReadOnly, populate: true },
+            opts: MapOptions::new().read_only().populate(),
         },
         Scenario {
             name: "many runs",
@@ -228,10 +291,10 @@ fn injected_failures_roll_back_at_every_syscall() {
     for s in &scenarios {
         // A clean run first, so the remapper has learned which regions refuse the clone;
         // then a counted one: how many times does each syscall happen?
-        drop(s.remapper.map_with(&s.list, &s.opts).unwrap_or_else(|e| panic!("{}: {e}", s.name)));
+        drop(s.remapper.map_with(&s.list, s.opts).unwrap_or_else(|e| panic!("{}: {e}", s.name)));
         let faults = Faults::new();
-        let view = s.remapper.map_with(&s.list, &s.opts).unwrap_or_else(|e| panic!("{}: {e}", s.name));
-        let calls: Vec<(Syscall, usize)> = Syscall::ALL.iter().map(|&sc| (sc, faults.calls(sc))).collect();
+        let view = s.remapper.map_with(&s.list, s.opts).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        let calls: Vec<(Operation, usize)> = Operation::ALL.iter().map(|&sc| (sc, faults.calls(sc))).collect();
         drop(faults);
         drop(view);
         let before = Counts::now();
@@ -239,7 +302,7 @@ fn injected_failures_roll_back_at_every_syscall() {
         for (sc, n) in calls {
             for k in 0..n {
                 let faults = Faults::new().fail(sc, k, libc::EIO);
-                let r = s.remapper.map_with(&s.list, &s.opts);
+                let r = s.remapper.map_with(&s.list, s.opts);
                 assert!(faults.fired(), "{}: {sc:?} #{k} was not reached", s.name);
                 drop(faults);
                 let e = r.expect_err(s.name);
@@ -251,14 +314,14 @@ fn injected_failures_roll_back_at_every_syscall() {
             }
         }
         // And it still works afterwards.
-        drop(s.remapper.map_with(&s.list, &s.opts).unwrap());
+        drop(s.remapper.map_with(&s.list, s.opts).unwrap());
     }
     println!("  injected {injected} failures across {} scenarios, at {reached:?}", scenarios.len());
     // VMA lookups are PROCMAP_QUERY ioctls (Linux 6.11+) or reads of /proc/self/maps;
     // the up-front VMA count (near the cap only) has its own check below.
     let mut must = vec!["Reserve", "Clone", "Protect", "Populate"];
     must.push(if kit::has_procmap_query() { "VmaQuery" } else { "MapsRead" });
-    if iovmap::fault::kernel_punches_holes() {
+    if iovmap::kernel_punches_holes() {
         must.push("CloneProbe");
     }
     if bpf.is_some() || ring.is_some() {
@@ -291,7 +354,7 @@ fn too_many_runs_are_refused_before_placing() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(faults.calls(Syscall::Reserve), 0, "refused before reserving anything");
+    assert_eq!(faults.calls(Operation::Reserve), 0, "refused before reserving anything");
     drop(faults);
     before.assert_unchanged("TooManyMappings");
     assert!(e_message_mentions_sysctl());
@@ -320,7 +383,7 @@ fn vma_cap_hit_while_placing_is_rolled_back() {
     assert!(before.vmas + 300 > max, "the filler did not fill ({} VMAs)", before.vmas);
     let faults = Faults::new();
     let e = iovmap::map(&list).unwrap_err();
-    assert!(faults.calls(Syscall::Clone) > 1, "placement started before the cap was hit");
+    assert!(faults.calls(Operation::Clone) > 1, "placement started before the cap was hit");
     drop(faults);
     assert!(matches!(e, Error::TooManyMappings { needed: 300, .. }), "{e:?}");
     before.assert_unchanged("cap hit while placing");
@@ -337,21 +400,21 @@ fn vmas_are_counted_up_front_only_near_the_cap() {
     drop(iovmap::map(&small).unwrap()); // the first one is counted: nothing known yet
     let faults = Faults::new();
     drop(iovmap::map(&small).unwrap());
-    assert_eq!(faults.calls(Syscall::VmaCount), 0, "far from the cap: not counted");
+    assert_eq!(faults.calls(Operation::VmaCount), 0, "far from the cap: not counted");
     // Within SLACK (8,192) of the cap: counted.
     let near: Vec<_> = (0..max - 4000).map(|i| ram.iov(2 * i * p, p)).collect();
     let before = Counts::now();
     let r = iovmap::map(&near);
-    assert_eq!(faults.calls(Syscall::VmaCount), 1, "near the cap: counted before placing");
+    assert_eq!(faults.calls(Operation::VmaCount), 1, "near the cap: counted before placing");
     drop(faults);
     drop(r.unwrap());
     before.assert_unchanged("near-cap view");
     // A count that fails leaves nothing behind either.
-    let faults = Faults::new().fail(Syscall::VmaCount, 0, libc::EIO);
+    let faults = Faults::new().fail(Operation::VmaCount, 0, libc::EIO);
     let e = iovmap::map(&near).unwrap_err();
     assert!(faults.fired());
     assert_eq!(kit::errno_of(&e), Some(libc::EIO), "{e:?}");
-    assert_eq!(faults.calls(Syscall::Reserve), 0, "nothing was reserved");
+    assert_eq!(faults.calls(Operation::Reserve), 0, "nothing was reserved");
     drop(faults);
     before.assert_unchanged("failed count");
 }
@@ -433,13 +496,13 @@ fn hole_kernels_learn_refusals() {
     let faults = Faults::new().assume_holes(true);
     let mut r = Remapper::new();
     r.register(ring.map.ptr(), ring.map.len(), ring.fd(), 0).unwrap();
-    assert_eq!(faults.calls(Syscall::CloneProbe), 1, "registration learns the refusal");
+    assert_eq!(faults.calls(Operation::CloneProbe), 1, "registration learns the refusal");
     let list = [ram.iov(0, p), ring.map.iov(0, ring.map.len()), ram.iov(4 * p, p)];
     let view = r.map(&list).unwrap();
     let s = view.stats();
     assert_eq!((s.cloned, s.fd_mapped), (2, 1));
     assert_eq!(s.syscalls, 4, "one probe of the RAM, two clones, one fd map: no refused clone");
-    assert_eq!(faults.calls(Syscall::Clone), 2, "only clones known to work went into the reservation");
+    assert_eq!(faults.calls(Operation::Clone), 2, "only clones known to work went into the reservation");
     // SAFETY: the sources are live fixtures nothing writes meanwhile.
     let want = unsafe { iovmap_peers::gather(&list) };
     // SAFETY: the view is live for len() bytes.
@@ -449,8 +512,8 @@ fn hole_kernels_learn_refusals() {
     let e = iovmap::map(&[ring.map.iov(0, ring.map.len())]).unwrap_err();
     assert!(matches!(e, Error::NoFallback { index: 0, .. }), "{e:?}");
     assert_eq!(kit::errno_of(&e), Some(libc::EFAULT), "the probe's refusal is the error's source");
-    assert_eq!(faults.calls(Syscall::Clone), 2);
-    assert_eq!(faults.calls(Syscall::CloneProbe), 3);
+    assert_eq!(faults.calls(Operation::Clone), 2);
+    assert_eq!(faults.calls(Operation::CloneProbe), 3);
 }
 
 fn hole_kernels_never_clobber() {
@@ -473,7 +536,7 @@ fn hole_kernels_never_clobber() {
     // kernel has unmapped its destination; nobody took it: the fd fills it without
     // replacing anything, and the view is right.
     {
-        let faults = Faults::new().assume_holes(true).fail(Syscall::Clone, 1, libc::EFAULT);
+        let faults = Faults::new().assume_holes(true).fail(Operation::Clone, 1, libc::EFAULT);
         let view = r1.map(&list).unwrap();
         assert!(faults.fired());
         // The refusal is learned: the third run goes to the fd directly.
@@ -488,13 +551,13 @@ fn hole_kernels_never_clobber() {
     // destination is still the reservation. iovmap must see that (the reservation is
     // marked) and neither fail to refill it nor leave it behind.
     for (what, remapper) in [("registered", Some(&r3)), ("unregistered", None)] {
-        let faults = Faults::new().assume_holes(true).refuse_before_unmap().fail(Syscall::Clone, 1, libc::EFAULT);
+        let faults = Faults::new().assume_holes(true).refuse_before_unmap().fail(Operation::Clone, 1, libc::EFAULT);
         let got = match remapper {
             Some(r) => r.map(&list),
             None => iovmap::map(&list),
         };
         assert!(faults.fired());
-        let lookups = faults.calls(Syscall::VmaQuery) + faults.calls(Syscall::MapsRead);
+        let lookups = faults.calls(Operation::VmaQuery) + faults.calls(Operation::MapsRead);
         drop(faults);
         match (what, got) {
             ("registered", Ok(view)) => {
@@ -504,7 +567,7 @@ fn hole_kernels_never_clobber() {
                 assert_eq!(unsafe { kit::first_difference(view.as_ptr(), want.as_ptr(), want.len()) }, None);
             }
             ("unregistered", Err(Error::NoFallback { index: 1, .. })) => {}
-            (_, got) => panic!("{what}: {:?}", got.map(|v| v.stats().clone())),
+            (_, got) => panic!("{what}: {:?}", got.map(|v| *v.stats())),
         }
         assert!(lookups >= 1, "{what}: the kernel was asked what is at the destination");
         before.assert_unchanged(&format!("{what}: refusal before the unmap"));
@@ -512,7 +575,7 @@ fn hole_kernels_never_clobber() {
 
     // Another thread maps into the hole first: iovmap must neither overwrite nor unmap it.
     for (what, remapper) in [("registered", Some(&r2)), ("unregistered", None)] {
-        let faults = Faults::new().assume_holes(true).fail(Syscall::Clone, 1, libc::EFAULT).squat_in_holes();
+        let faults = Faults::new().assume_holes(true).fail(Operation::Clone, 1, libc::EFAULT).squat_in_holes();
         let e = match remapper {
             Some(r) => r.map(&list).unwrap_err(),
             None => iovmap::map(&list).unwrap_err(),
@@ -559,14 +622,14 @@ fn hole_kernels_refusal_sweep() {
         let r = fresh();
         let faults = Faults::new().assume_holes(true);
         drop(r.map(&list).unwrap());
-        faults.calls(Syscall::Clone)
+        faults.calls(Operation::Clone)
     };
     assert!(clones >= 6);
     let (mut refilled, mut refused) = (0, 0);
     for k in 0..clones {
         let before = Counts::now();
         let r = fresh();
-        let faults = Faults::new().assume_holes(true).fail(Syscall::Clone, k, libc::EFAULT);
+        let faults = Faults::new().assume_holes(true).fail(Operation::Clone, k, libc::EFAULT);
         match r.map(&list) {
             Ok(view) => {
                 // SAFETY: live fixtures and view.

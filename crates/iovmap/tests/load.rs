@@ -112,8 +112,9 @@ fn worker(r: &Remapper, s: &Sources, t: &Totals, seed: u64, until: Instant) -> R
     while Instant::now() < until {
         let list = random_list(s, &mut rng);
         let access = if rng.below(3) == 0 { Access::ReadOnly } else { Access::ReadWrite };
-        let opts = MapOptions { access, populate: rng.below(3) == 0 };
-        let view = r.map_with(&list, &opts).map_err(|e| format!("view {n} of seed {seed:#x}: {e} ({e:?})"))?;
+        let opts = MapOptions::new().with_access(access);
+        let opts = if rng.below(3) == 0 { opts.populate() } else { opts };
+        let view = r.map_with(&list, opts).map_err(|e| format!("view {n} of seed {seed:#x}: {e} ({e:?})"))?;
         let st = view.stats();
         if st.runs != st.cloned + st.fd_mapped || st.segments != list.iter().filter(|v| v.iov_len > 0).count() {
             return Err(format!("view {n} of seed {seed:#x}: inconsistent stats {st:?}"));
@@ -134,7 +135,7 @@ fn worker(r: &Remapper, s: &Sources, t: &Totals, seed: u64, until: Instant) -> R
         t.fd_mapped.fetch_add(st.fd_mapped, Ordering::Relaxed);
         t.bytes.fetch_add(view.len(), Ordering::Relaxed);
         t.read_only.fetch_add(usize::from(access == Access::ReadOnly), Ordering::Relaxed);
-        t.populated.fetch_add(usize::from(opts.populate), Ordering::Relaxed);
+        t.populated.fetch_add(usize::from(opts.populates()), Ordering::Relaxed);
         n += 1;
     }
     Ok(())

@@ -29,7 +29,7 @@ fn a_pfnmap_region_registered_as_a_vfio_bar_falls_back_to_the_fd() {
     ram.fill(2);
     let info = VfioRegionInfo { index: 2, flags: MMAP_RW, size: ring.map.len() as u64, offset: 0, sparse_areas: None };
     let mut r = Remapper::new();
-    r.register_vfio_region_info(ring.fd(), &info, ring.map.ptr()).unwrap();
+    let id = r.register_vfio_region_info(ring.fd(), &info, ring.map.ptr()).unwrap();
     let list = [ram.iov(0, page()), ring.map.iov(0, ring.map.len()), ram.iov(3 * page(), page())];
     let view = r.map(&list).unwrap();
     let s = view.stats();
@@ -39,11 +39,11 @@ fn a_pfnmap_region_registered_as_a_vfio_bar_falls_back_to_the_fd() {
     assert_eq!((s.runs, s.cloned, s.fd_mapped, s.syscalls), (3, 2, 1, 4));
     // SAFETY: page 0 of the ring is writable; the view is live.
     unsafe {
-        view.as_ptr().add(page() + 800).write_volatile(0x3c);
+        view.as_mut_ptr().unwrap().add(page() + 800).write_volatile(0x3c);
         assert_eq!(ring.map.ptr().add(800).read_volatile(), 0x3c);
     }
     drop(view);
-    r.unregister(ring.map.ptr()).unwrap();
+    r.unregister(id).unwrap();
     assert_eq!(r.regions().count(), 0);
 }
 
@@ -68,8 +68,8 @@ fn a_sparse_bar_registers_its_areas_and_refuses_its_hole() {
         sparse_areas: Some(vec![(0, 4 * p as u64), (8 * p as u64, 8 * p as u64)]), // hole: pages 4..8
     };
     let mut r = Remapper::new();
-    r.register_vfio_region_info(arr.fd(), &info, bar.ptr()).unwrap();
-    let areas: Vec<_> = r.regions().map(|(a, l, o)| (a as usize - bar.ptr() as usize, l, o)).collect();
+    let id = r.register_vfio_region_info(arr.fd(), &info, bar.ptr()).unwrap();
+    let areas: Vec<_> = r.regions().map(|g| (g.addr as usize - bar.ptr() as usize, g.len, g.offset)).collect();
     assert_eq!(areas, [(0, 4 * p, 4 * p as u64), (8 * p, 8 * p, 12 * p as u64)]);
 
     let list = [bar.iov(10 * p, 2 * p), bar.iov(p, p)];
@@ -93,7 +93,7 @@ fn a_sparse_bar_registers_its_areas_and_refuses_its_hole() {
     let other = GuestRam::new(p).unwrap();
     let e = r.register_vfio_region_info(other.fd(), &VfioRegionInfo { size: p as u64, ..info.clone() }, bar.ptr());
     assert!(matches!(e, Err(Error::InvalidRegion { .. })));
-    r.unregister(bar.ptr()).unwrap();
+    r.unregister(id).unwrap();
     assert_eq!(r.regions().count(), 0);
     assert!(r.map(&[bar.iov(5 * p, p)]).is_err(), "the hole is gone, the BPF mapping refuses the clone");
 }

@@ -6,7 +6,7 @@
 
 use std::os::fd::AsFd;
 
-use iovmap::{Access, Error, MapOptions, Remapper, View};
+use iovmap::{Error, MapOptions, Remapper, View};
 use iovmap_testkit::{self as kit, BpfArray, GuestRam, IoUringSq, Mapping, PerfRing, iov, skip};
 
 fn page() -> usize {
@@ -16,7 +16,7 @@ fn page() -> usize {
 /// Whether this kernel punches a hole at the destination of a refused clone (Linux
 /// before 6.17): the map path then learns what clones before it clones.
 fn holes() -> bool {
-    iovmap::fault::kernel_punches_holes()
+    iovmap::kernel_punches_holes()
 }
 
 /// Syscalls a map call spends on clone probes: on kernels that punch holes, one per
@@ -52,7 +52,7 @@ fn read(view: &View, at: usize) -> u8 {
 fn write(view: &View, at: usize, v: u8) {
     assert!(at < view.len());
     // SAFETY: in bounds of a live writable view.
-    unsafe { view.as_ptr().add(at).write_volatile(v) }
+    unsafe { view.as_mut_ptr().unwrap().add(at).write_volatile(v) }
 }
 
 #[test]
@@ -222,7 +222,7 @@ fn perf_ring_falls_back_to_its_fd_and_remembers() {
         ram.iov(5 * page(), page()),
     ];
     let view = r.map(&list).unwrap();
-    let s = view.stats().clone();
+    let s = *view.stats();
     assert_eq!((s.segments, s.runs, s.cloned, s.fd_mapped), (4, 3, 2, 1));
     assert_eq!(s.syscalls, 3 + first_refusal() + probes(1), "two clones, the refusal, one fd map");
     assert_view_matches(&view, &list);
@@ -336,7 +336,7 @@ fn read_only_view_faults_on_write() {
     let ram = GuestRam::new(4 * page()).unwrap();
     ram.fill(10);
     let list = [ram.iov(page(), 2 * page())];
-    let view = Remapper::new().map_with(&list, &MapOptions { access: Access::ReadOnly, populate: false }).unwrap();
+    let view = Remapper::new().map_with(&list, MapOptions::new().read_only()).unwrap();
     assert_view_matches(&view, &list);
     let target = view.as_ptr() as usize + 100;
     // SAFETY: the child only performs a volatile store and _exit, both async-signal-safe.
@@ -358,19 +358,35 @@ fn read_only_view_faults_on_write() {
 }
 
 #[test]
-fn read_only_backing_refuses_a_writable_view() {
+fn a_view_never_grants_more_than_its_source_unless_asked() {
     use std::os::fd::AsRawFd;
     let ram = GuestRam::new(4 * page()).unwrap();
-    // A read-only fd of the same memfd, and a shared read-only mapping of it.
+    ram.fill(16);
+    // A read-only fd of the same memfd, and a shared read-only mapping of it (a ROM).
     let ro = std::fs::File::open(format!("/proc/self/fd/{}", ram.fd().as_raw_fd())).unwrap();
     let map = Mapping::new(4 * page(), libc::PROT_READ, libc::MAP_SHARED, Some(ro.as_fd()), 0).unwrap();
-    let list = [map.iov(page(), page())];
+    let list = [ram.iov(0, page()), map.iov(page(), page())];
     let e = iovmap::map(&list).unwrap_err();
-    assert!(matches!(e, Error::NotWritable { index: 0 }), "{e:?}");
-    assert!(e.to_string().contains("ReadOnly"), "{e}");
-    let view =
-        iovmap::Remapper::new().map_with(&list, &MapOptions { access: Access::ReadOnly, populate: false }).unwrap();
+    assert!(
+        matches!(e, Error::ExceedsSource { index: 1, prot: libc::PROT_READ, wanted } if wanted == libc::PROT_READ | libc::PROT_WRITE),
+        "{e:?}"
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("segment 1") && text.contains("read-only") && text.contains("raise_source_protection"),
+        "{text}"
+    );
+    // Read-only, it maps; asked to raise, the backing still says no (the fd is read-only).
+    let view = Remapper::new().map_with(&list, MapOptions::new().read_only()).unwrap();
     assert_view_matches(&view, &list);
+    let e = Remapper::new().map_with(&list, MapOptions::new().raise_source_protection()).unwrap_err();
+    assert!(matches!(e, Error::NotWritable { index: 1 }), "{e:?}");
+    assert!(e.to_string().contains("ReadOnly"), "{e}");
+    // Nothing at all is allowed through an inaccessible source.
+    let none = Mapping::new(page(), libc::PROT_NONE, libc::MAP_SHARED, Some(ram.fd()), 0).unwrap();
+    let e = Remapper::new().map_with(&[none.iov(0, page())], MapOptions::new().read_only()).unwrap_err();
+    assert!(matches!(e, Error::ExceedsSource { index: 0, prot: 0, .. }), "{e:?}");
+    assert!(e.to_string().contains("inaccessible"), "{e}");
 }
 
 #[test]
@@ -385,8 +401,11 @@ fn write_sealed_memfd_refuses_a_writable_view() {
     let mut r = Remapper::new();
     r.register(map.ptr(), map.len(), file.as_fd(), 0).unwrap();
     let e = r.map(&[map.iov(0, page())]).unwrap_err();
+    assert!(matches!(e, Error::ExceedsSource { index: 0, .. }), "{e:?}");
+    // Raised, the seal refuses: the clone's mprotect (or the fd map) is not permitted.
+    let e = r.map_with(&[map.iov(0, page())], MapOptions::new().raise_source_protection()).unwrap_err();
     assert!(matches!(e, Error::NotWritable { index: 0 }), "{e:?}");
-    let view = r.map_with(&[map.iov(0, page())], &MapOptions { access: Access::ReadOnly, populate: false }).unwrap();
+    let view = r.map_with(&[map.iov(0, page())], MapOptions::new().read_only()).unwrap();
     assert_eq!(view.len(), page());
 }
 
@@ -420,8 +439,8 @@ fn populate_prefaults_ram_runs_and_skips_device_runs() {
     let list = [ram.iov(0, 16 * page()), ram.iov(32 * page(), 16 * page())];
     let lazy = iovmap::map(&list).unwrap();
     assert_eq!(resident(lazy.mapped_range()), 0, "a fresh clone has no pages mapped");
-    let opts = MapOptions { populate: true, ..MapOptions::default() };
-    let eager = Remapper::new().map_with(&list, &opts).unwrap();
+    let opts = MapOptions::new().populate();
+    let eager = Remapper::new().map_with(&list, opts).unwrap();
     assert_eq!(resident(eager.mapped_range()), 32 * page());
     assert_view_matches(&eager, &list);
 
@@ -430,7 +449,7 @@ fn populate_prefaults_ram_runs_and_skips_device_runs() {
     let mut r = Remapper::new();
     r.register(ring.map.ptr(), ring.map.len(), ring.fd(), 0).unwrap();
     let list = [ram.iov(0, 4 * page()), ring.map.iov(0, ring.map.len()), ram.iov(8 * page(), 4 * page())];
-    let view = r.map_with(&list, &opts).unwrap();
+    let view = r.map_with(&list, opts).unwrap();
     assert_eq!(view.stats().fd_mapped, 1);
     assert_view_matches(&view, &list);
 }
@@ -485,9 +504,13 @@ fn a_run_crossing_vmas_in_a_registered_region_goes_straight_to_the_fd() {
     assert_eq!(unsafe { libc::mprotect(ram.ptr().add(6 * page()).cast(), 4 * page(), libc::PROT_READ) }, 0);
     let mut r = Remapper::new();
     r.register(ram.ptr(), ram.len(), ram.fd(), 0).unwrap();
-    // Pages 4..12 span the three VMAs: one run, placed by the fd, never cloned.
+    // Pages 4..12 span the three VMAs: one run, placed by the fd, never cloned. It allows
+    // what all three allow: read-only, so a read-write view must be asked for.
     let list = [ram.iov(4 * page(), 8 * page())];
-    let view = r.map(&list).unwrap();
+    let e = r.map(&list).unwrap_err();
+    assert!(matches!(e, Error::ExceedsSource { index: 0, prot: libc::PROT_READ, .. }), "{e:?}");
+    let raise = MapOptions::new().raise_source_protection();
+    let view = r.map_with(&list, raise).unwrap();
     let s = view.stats();
     assert_eq!((s.runs, s.cloned, s.fd_mapped, s.syscalls), (1, 0, 1, 1));
     assert_view_matches(&view, &list);
@@ -496,7 +519,7 @@ fn a_run_crossing_vmas_in_a_registered_region_goes_straight_to_the_fd() {
     assert_eq!(ram.read(7 * page()), 0x42);
 
     // Unregistered, the same list is three clones.
-    let view = iovmap::map(&list).unwrap();
+    let view = Remapper::new().map_with(&list, raise).unwrap();
     assert_eq!((view.stats().runs, view.stats().cloned), (3, 3));
     assert_view_matches(&view, &list);
 }
@@ -530,8 +553,10 @@ fn read_only_fd_refuses_a_writable_fd_run() {
     r.register(ram.ptr(), ram.len(), ro.as_fd(), 0).unwrap();
     let list = [ram.iov(page(), 2 * page())];
     let e = r.map(&list).unwrap_err();
+    assert!(matches!(e, Error::ExceedsSource { index: 0, .. }), "{e:?}");
+    let e = r.map_with(&list, MapOptions::new().raise_source_protection()).unwrap_err();
     assert!(matches!(e, Error::NotWritable { index: 0 }), "{e:?}");
-    let view = r.map_with(&list, &MapOptions { access: Access::ReadOnly, populate: false }).unwrap();
+    let view = r.map_with(&list, MapOptions::new().read_only()).unwrap();
     assert_eq!(view.stats().fd_mapped, 1);
     assert_view_matches(&view, &list);
 }
