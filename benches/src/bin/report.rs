@@ -360,7 +360,10 @@ fn main() {
     let mut r = Results::new();
     collect(&target.join("criterion"), "", &mut r);
     if r.is_empty() {
-        eprintln!("report: no criterion results under {}: run `cargo bench -p iovmap-benches` first", target.join("criterion").display());
+        eprintln!(
+            "report: no criterion results under {}: run `cargo bench -p iovmap-benches` first",
+            target.join("criterion").display()
+        );
         std::process::exit(1);
     }
     let shapes = shapes();
