@@ -1,14 +1,17 @@
 //! Gives libiovmap.so its SONAME, so that programs record `libiovmap.so.<abi>` rather
-//! than the path they were linked with. The ABI version is the major version, or
-//! `0.<minor>` before 1.0 (where every minor release may break it, as in Rust's semver).
+//! than the path they were linked with. The ABI version is the one in `abi-version`,
+//! which install.sh reads too: it changes only when a function, code, flag or struct of
+//! `include/iovmap.h` changes meaning, layout or goes away, never for additions, so that a
+//! program linked against an older libiovmap keeps loading a newer one.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=abi-version");
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
         return;
     }
-    let major = std::env::var("CARGO_PKG_VERSION_MAJOR").expect("cargo sets CARGO_PKG_VERSION_MAJOR");
-    let minor = std::env::var("CARGO_PKG_VERSION_MINOR").expect("cargo sets CARGO_PKG_VERSION_MINOR");
-    let abi = if major == "0" { format!("0.{minor}") } else { major };
+    let abi = std::fs::read_to_string("abi-version").expect("crates/iovmap-capi/abi-version");
+    let abi = abi.trim();
+    assert!(!abi.is_empty() && abi.chars().all(|c| c.is_ascii_digit() || c == '.'), "abi-version: {abi:?}");
     println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libiovmap.so.{abi}");
 }

@@ -65,11 +65,9 @@ done
 # [workspace.package]. tests/install.rs checks it against the crate's.
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root/Cargo.toml" | head -n 1)
 [ -n "$version" ] || die "no version in $root/Cargo.toml"
-# The ABI version in the SONAME (build.rs): the major version, or 0.<minor> before 1.0.
-case $version in
-    0.*) abi=0.$(echo "$version" | cut -d. -f2) ;;
-    *) abi=$(echo "$version" | cut -d. -f1) ;;
-esac
+# The ABI version in the SONAME, as build.rs sets it from the same file.
+abi=$(tr -d '[:space:]' <"$here/abi-version")
+[ -n "$abi" ] || die "no ABI version in $here/abi-version"
 
 # What a Rust staticlib needs from the system on Linux (rustc --print native-static-libs).
 native_static_libs="-lgcc_s -lutil -lrt -lpthread -lm -ldl -lc"

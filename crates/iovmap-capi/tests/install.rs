@@ -42,9 +42,13 @@ impl Install {
     }
 }
 
-/// The shared library's file name once installed: its SONAME.
+/// The shared library's file name once installed: its SONAME, which carries the ABI
+/// version of `abi-version` (not the crate's version: the C ABI only grows).
 fn installed_so_name() -> String {
-    soname(&shared_lib())
+    let so = soname(&shared_lib());
+    let abi = std::fs::read_to_string(crate_dir().join("abi-version")).unwrap();
+    assert_eq!(so, format!("libiovmap.so.{}", abi.trim()));
+    so
 }
 
 /// The names in a directory, sorted.

@@ -6,7 +6,7 @@
 //! else, so a test can prove that a failure at any given step leaves no mapping and no fd
 //! behind.
 //!
-//! `sys.rs` calls [`inject`] at the top of each wrapper; this module uses nothing of
+//! `sys.rs` calls `inject` at the top of each wrapper; this module uses nothing of
 //! `sys` or `holes` (its own few syscalls, which emulate an older kernel, are made here
 //! with libc), so the three do not depend on each other in a circle.
 //!

@@ -48,7 +48,7 @@
 //!   (guest-physical scatter lists) and `VolatileMemory` for [`View`].
 //! - `vfio`: `Remapper::register_vfio_region(&VfioDevice, ..)` (vfio-ioctls without its
 //!   KVM/MSHV backends). [`Remapper::register_vfio_region_info`] needs no feature.
-//! - `unstable-internals`: the planner ([`plan`]), the maps parser ([`maps`]) and
+//! - `unstable-internals`: the planner (`plan`), the maps parser (`maps`) and
 //!   `Remapper::plan`, for the fuzz targets and benchmarks. Not covered by semver.
 //! - `fault-injection`: `fault`, which makes a chosen syscall of the map path fail (tests
 //!   and fuzzing only; never in a product build). Not covered by semver.
@@ -99,7 +99,12 @@ pub mod maps {
     pub use crate::vma::{format_maps_line, parse_maps, parse_maps_line};
 }
 
-// The examples of the README and the integration guide are compiled as doctests.
+// The examples of the READMEs and the integration guide are compiled as doctests (the
+// repository's files only where they exist: a packaged crate has its own README alone).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct CrateReadmeExample;
+
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 struct ReadmeExample;
