@@ -35,6 +35,7 @@ edition = "2024"
 default = []
 vm-memory = ["dep:vm-memory"]
 vfio = ["dep:vfio-ioctls"]
+unstable-internals = []
 fault-injection = []
 
 [dependencies]
@@ -80,7 +81,7 @@ fn human(ms: f64) -> String {
 
 fn main() {
     let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(15);
-    let page = 4096;
+    let page = iovmap_testkit::page();
     let ram = GuestRam::new(1 << 30).unwrap();
     ram.fill(1);
     let w1 = workloads::page_iovecs(ram.ptr(), &[workloads::Chunk { page: 0, pages: 262_144 }], page);
