@@ -229,8 +229,30 @@ impl GuestRam {
         Ok(GuestRam { file, map, page_size: page() })
     }
 
+    /// `len` bytes of memfd RAM sealed as QEMU's memory-backend-memfd seals guest RAM
+    /// (F_SEAL_GROW, F_SEAL_SHRINK, F_SEAL_SEAL): what udmabuf takes.
+    pub fn sealed(len: usize) -> io::Result<Self> {
+        let len = len.next_multiple_of(page());
+        let file = memfd("iovmap-sealed-ram", libc::MFD_ALLOW_SEALING)?;
+        file.set_len(len as u64)?;
+        seal_like_qemu(&file)?;
+        let map = MmapOptions::new().len(len).map_raw(&file)?;
+        Ok(GuestRam { file, map, page_size: page() })
+    }
+
+    /// [`GuestRam::huge`], sealed as [`GuestRam::sealed`] is.
+    pub fn huge_sealed(len: usize) -> Result<Self, Unavailable> {
+        let ram = Self::huge_with(len, libc::MFD_ALLOW_SEALING)?;
+        seal_like_qemu(&ram.file).map_err(|e| Unavailable(format!("sealing a hugetlb memfd failed: {e}")))?;
+        Ok(ram)
+    }
+
     /// `len` bytes (rounded up to 2 MiB) of a 2 MiB hugetlb memfd, prefaulted.
     pub fn huge(len: usize) -> Result<Self, Unavailable> {
+        Self::huge_with(len, 0)
+    }
+
+    fn huge_with(len: usize, extra_flags: libc::c_uint) -> Result<Self, Unavailable> {
         let len = len.next_multiple_of(HUGE_2M);
         let free = free_huge_pages();
         if free * HUGE_2M < len {
@@ -239,7 +261,7 @@ impl GuestRam {
                 len >> 20
             )));
         }
-        let file = memfd("iovmap-huge-ram", libc::MFD_HUGETLB | libc::MFD_HUGE_2MB)
+        let file = memfd("iovmap-huge-ram", libc::MFD_HUGETLB | libc::MFD_HUGE_2MB | extra_flags)
             .map_err(|e| Unavailable(format!("memfd_create(MFD_HUGETLB | MFD_HUGE_2MB) failed: {e}")))?;
         file.set_len(len as u64).map_err(|e| Unavailable(format!("ftruncate of a hugetlb memfd failed: {e}")))?;
         // hugetlb reserves the pages at mmap time, so a shortage (another process took
@@ -308,6 +330,47 @@ impl GuestRam {
         assert!(off < self.len());
         // SAFETY: in bounds of a live writable mapping.
         unsafe { self.ptr().add(off).write_volatile(v) }
+    }
+}
+
+/// Seals a memfd against growing, shrinking and further seals, as QEMU does for guest RAM.
+fn seal_like_qemu(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a live fd; the result is checked.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The signal a one-byte write at `addr` dies of, in a forked child (`None`: it did
+/// not fault). Nothing is written in this process either way.
+pub fn write_signal(addr: *const u8) -> Option<i32> {
+    // SAFETY: the child only performs a volatile store and _exit, both async-signal-safe.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: the write may fault: that is what is being found out, in the child.
+        unsafe {
+            addr.cast_mut().write_volatile(1);
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child forked above.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status))
+}
+
+/// Whether this machine has /dev/udmabuf (kernel-built views), or why not.
+pub fn udmabuf() -> Result<(), Unavailable> {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/udmabuf") {
+        Ok(_) => Ok(()),
+        Err(e) => Err(Unavailable(format!(
+            "no usable /dev/udmabuf ({e}): this kernel lacks CONFIG_UDMABUF (the host's 6.18 does; the guest matrix's \
+             newest rows have it)"
+        ))),
     }
 }
 

@@ -5,6 +5,7 @@ use std::fmt;
 use std::io;
 
 use crate::regions::{FileId, RegionId};
+use crate::udmabuf::KernelBuiltError;
 use crate::vfio::RegionInfoError;
 
 /// The operations iovmap asks the kernel for, as [`Error::Os`] and
@@ -47,6 +48,12 @@ pub enum Operation {
     FileStat,
     /// Duplicating a registered fd (`fcntl(F_DUPFD_CLOEXEC)`).
     DupFd,
+    /// Opening `/dev/udmabuf`, once per process, for kernel-built views.
+    UdmabufOpen,
+    /// Building one dma-buf from a list of memfd ranges (`ioctl(UDMABUF_CREATE_LIST)`).
+    UdmabufCreate,
+    /// Mapping a dma-buf into the view (`mmap`).
+    DmabufMap,
 }
 
 impl Operation {
@@ -56,7 +63,7 @@ impl Operation {
     /// assert!(iovmap::Operation::ALL.contains(&iovmap::Operation::FdMap));
     /// ```
     #[cfg(feature = "fault-injection")]
-    pub const ALL: [Operation; 13] = [
+    pub const ALL: [Operation; 16] = [
         Operation::Reserve,
         Operation::Trim,
         Operation::Clone,
@@ -70,6 +77,9 @@ impl Operation {
         Operation::VmaCount,
         Operation::FileStat,
         Operation::DupFd,
+        Operation::UdmabufOpen,
+        Operation::UdmabufCreate,
+        Operation::DmabufMap,
     ];
 }
 
@@ -91,6 +101,9 @@ impl fmt::Display for Operation {
             Operation::VmaCount => "reading /proc/self/maps",
             Operation::FileStat => "fstat of the fd",
             Operation::DupFd => "duplicating the fd",
+            Operation::UdmabufOpen => "opening /dev/udmabuf",
+            Operation::UdmabufCreate => "ioctl(UDMABUF_CREATE_LIST)",
+            Operation::DmabufMap => "mmap of a dma-buf",
         })
     }
 }
@@ -280,6 +293,17 @@ pub enum Error {
         wanted: i32,
     },
 
+    /// A run must be, or was asked to be, placed through udmabuf, and udmabuf cannot take
+    /// it: a view asked for with `MapOptions::kernel_built()`, or pieces of huge-page RAM
+    /// smaller than a huge page (which only udmabuf can map).
+    #[error("segment {index} cannot be placed through udmabuf: {reason}")]
+    KernelBuilt {
+        /// Index of the first segment of the run.
+        index: usize,
+        /// Why.
+        reason: KernelBuiltError,
+    },
+
     /// A run's backing cannot be written, but a read-write view was asked for.
     #[error(
         "segment {index} is backed by memory that cannot be written (a read-only fd or a write-sealed \
@@ -465,6 +489,7 @@ impl Error {
             | Error::Sealed { index }
             | Error::NotWritable { index }
             | Error::ExceedsSource { index, .. }
+            | Error::KernelBuilt { index, .. }
             | Error::DeviceHole { index }
             | Error::SourceChanged { index }
             | Error::StaleRegion { index, .. }
@@ -491,6 +516,7 @@ impl Error {
             | Error::Sealed { index }
             | Error::NotWritable { index }
             | Error::ExceedsSource { index, .. }
+            | Error::KernelBuilt { index, .. }
             | Error::DeviceHole { index }
             | Error::SourceChanged { index }
             | Error::StaleRegion { index, .. }
@@ -512,6 +538,10 @@ impl Error {
             Error::Os { source, .. } | Error::NoFallback { source, .. } => source.raw_os_error(),
             Error::InvalidRegion { kind: RegionError::Os { source, .. }, .. } => source.raw_os_error(),
             Error::Sealed { .. } => Some(libc::EPERM),
+            Error::KernelBuilt {
+                reason: KernelBuiltError::DeviceDenied { errno } | KernelBuiltError::Refused { errno },
+                ..
+            } => Some(*errno),
             _ => None,
         }
     }

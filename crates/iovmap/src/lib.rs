@@ -58,6 +58,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod dmabuf;
 mod error;
 #[cfg(feature = "fault-injection")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fault-injection")))]
@@ -78,14 +79,17 @@ mod remapper;
 mod reservation;
 mod strategy;
 mod sys;
+mod udmabuf;
 pub mod vfio;
 mod view;
 mod vma;
 
+pub use dmabuf::{DmaBuf, DmaBufs};
 pub use error::{Error, Operation, RegionContext, RegionError};
-pub use options::{Access, MapOptions};
+pub use options::{Access, MapOptions, Placement};
 pub use regions::{FileId, RegionId};
 pub use remapper::{RegisteredRegion, Remapper, map};
+pub use udmabuf::KernelBuiltError;
 pub use view::{MapStats, View};
 
 #[cfg(feature = "unstable-internals")]

@@ -27,6 +27,29 @@ impl Access {
     }
 }
 
+/// Which paths may place a view's runs.
+///
+/// ```
+/// use iovmap::{MapOptions, Placement};
+/// assert_eq!(MapOptions::new().placement(), Placement::Automatic);
+/// assert_eq!(MapOptions::new().remap_only().placement(), Placement::RemapOnly);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Placement {
+    /// The path measured fastest for the list: stretches of scattered runs of registered,
+    /// sealed memfds go to udmabuf where `/dev/udmabuf` exists, everything else is cloned
+    /// or fd-mapped (the remap path). Falls back to the remap path, without error, when
+    /// udmabuf is missing or refuses; `MapStats::kernel_built_declined` says why.
+    #[default]
+    Automatic,
+    /// Clone or fd-map every run, as iovmap 0.1 did: no dma-buf, no pinned pages.
+    RemapOnly,
+    /// Every run through udmabuf: one dma-buf per buffer, all of the view. An error
+    /// ([`Error::KernelBuilt`](crate::Error::KernelBuilt)) names the segment udmabuf
+    /// cannot take and why.
+    KernelBuilt,
+}
+
 /// Options for [`Remapper::map_with`](crate::Remapper::map_with): start from
 /// [`MapOptions::new`] (read-write, nothing prefaulted, never more than the source
 /// allows) and chain what differs. New options arrive as new methods; code written
@@ -44,6 +67,7 @@ pub struct MapOptions {
     access: Access,
     populate: bool,
     raise_source_protection: bool,
+    placement: Placement,
 }
 
 impl MapOptions {
@@ -56,7 +80,12 @@ impl MapOptions {
     /// assert!(!opts.populates() && !opts.raises_source_protection());
     /// ```
     pub const fn new() -> Self {
-        MapOptions { access: Access::ReadWrite, populate: false, raise_source_protection: false }
+        MapOptions {
+            access: Access::ReadWrite,
+            populate: false,
+            raise_source_protection: false,
+            placement: Placement::Automatic,
+        }
     }
 
     /// A read-only view: a write through it faults (SIGSEGV). What a scanout or an
@@ -122,6 +151,52 @@ impl MapOptions {
     pub const fn raise_source_protection(mut self) -> Self {
         self.raise_source_protection = true;
         self
+    }
+
+    /// Place every run by clone or fd mapping, never through udmabuf (no dma-buf, no
+    /// pinned pages): [`Placement::RemapOnly`].
+    ///
+    /// ```
+    /// assert_eq!(iovmap::MapOptions::new().remap_only().placement(), iovmap::Placement::RemapOnly);
+    /// ```
+    #[must_use]
+    pub const fn remap_only(mut self) -> Self {
+        self.placement = Placement::RemapOnly;
+        self
+    }
+
+    /// Build the whole view through udmabuf, or fail saying why:
+    /// [`Placement::KernelBuilt`]. The view's dma-bufs are then all of it
+    /// ([`View::dmabufs`](crate::View::dmabufs)).
+    ///
+    /// ```
+    /// assert_eq!(iovmap::MapOptions::new().kernel_built().placement(), iovmap::Placement::KernelBuilt);
+    /// ```
+    #[must_use]
+    pub const fn kernel_built(mut self) -> Self {
+        self.placement = Placement::KernelBuilt;
+        self
+    }
+
+    /// The given placement policy.
+    ///
+    /// ```
+    /// use iovmap::{MapOptions, Placement};
+    /// assert_eq!(MapOptions::new().with_placement(Placement::RemapOnly), MapOptions::new().remap_only());
+    /// ```
+    #[must_use]
+    pub const fn with_placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// Which paths may place the view's runs.
+    ///
+    /// ```
+    /// assert_eq!(iovmap::MapOptions::new().placement(), iovmap::Placement::Automatic);
+    /// ```
+    pub const fn placement(&self) -> Placement {
+        self.placement
     }
 
     /// The access the view gives.

@@ -4,20 +4,24 @@
 //!    read-only mapping), unless asked for.
 //! 2. Check the room under vm.max_map_count (large views; see `headroom`).
 //! 3. Reserve the view's range, aligned for its largest page size.
-//! 4. Place each run ([`Placer::place`]): a small state machine over
+//! 4. Give the kernel the stretches of runs it builds (udmabuf, `udmabuf.rs`): all of
+//!    them make their dma-bufs before any is mapped, so that automatic placement can
+//!    still fall back to the remap path, with nothing to undo, when udmabuf is missing
+//!    or refuses; then each buffer is mapped into the reservation with one mmap.
+//! 5. Place each other run ([`Placer::place`]): a small state machine over
 //!    [`strategy`](crate::strategy::strategy). Clone it with mremap; if the kernel refuses
 //!    (EFAULT for VM_PFNMAP/VM_DONTEXPAND such as vfio BARs, EINVAL for hugetlbfs, EPERM
 //!    for a sealed mapping), map the registered fd at the run's offset instead, and
 //!    remember the refusal on the region so its later runs (in this call and later ones)
 //!    go to the fd directly. Runs that cross VMAs go to the fd directly. Each run comes
 //!    out as a [`Placed`]: cloned, fd-mapped, or device memory.
-//! 5. Check every clone of more than one page: a clone is not bounded by the VMA at its
+//! 6. Check every clone of more than one page: a clone is not bounded by the VMA at its
 //!    source, so one that met a shorter mapping (another thread replaced the source under
 //!    the call) shows pages never mapped there. The clone's VMA says which file and offset
 //!    it maps; if that is not the source the plan saw, the view is not built
 //!    (`SourceChanged`).
-//! 6. mprotect the view when a clone inherited a protection other than the one asked for.
-//! 7. Prefault the runs that are not device memory, if asked.
+//! 7. mprotect the view when a clone inherited a protection other than the one asked for.
+//! 8. Prefault the runs that are not device memory, if asked.
 //!
 //! Any error drops the reservation, which unmaps everything placed so far.
 //!
@@ -31,18 +35,21 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
+use crate::dmabuf::{DmaBuf, DmaBufs};
 use crate::error::{Error, Operation};
 use crate::headroom;
 use crate::holes::{self, probe_clone};
-use crate::options::MapOptions;
+use crate::options::{MapOptions, Placement};
 use crate::plan::{FdSource, Plan, Run};
 use crate::regions::{RegionState, Regions};
 use crate::reservation::Reservation;
 use crate::strategy::{Clonability, Strategy, is_refusal, strategy};
 use crate::sys;
+use crate::udmabuf::{self, KernelBuiltError};
 use crate::view::{MapStats, View};
 use crate::vma;
 
@@ -56,11 +63,15 @@ enum Placed {
     /// Mapped from its registered fd, and device memory (VM_PFNMAP/VM_IO: the kernel
     /// refused the clone of its region with EFAULT): it cannot be prefaulted.
     Device,
+    /// Part of a dma-buf udmabuf built, mapped with it (pfn-mapped: it cannot be
+    /// prefaulted either).
+    KernelBuilt,
 }
 
 /// Builds the view `plan` describes.
 pub(crate) fn build(plan: &Plan, regions: &Regions, opts: MapOptions) -> Result<View, Error> {
     check_access(plan, opts)?;
+    let kernel = kernel_built_stretches(plan, regions, opts.placement())?;
     let runs = plan.runs.len();
     headroom::check(runs)?;
     let holes = holes::kernel_punches_holes();
@@ -72,10 +83,14 @@ pub(crate) fn build(plan: &Plan, regions: &Regions, opts: MapOptions) -> Result<
         holes,
         probed: BTreeMap::new(),
         placed: Vec::with_capacity(runs),
+        dmabufs: Vec::new(),
         stats: MapStats { segments: plan.segments, runs, ..MapStats::default() },
     };
-    match placer.fill(plan, opts) {
-        Ok(()) => Ok(View::new(placer.reservation.into_raw(), plan.lead, plan.len, placer.stats, opts.access())),
+    match placer.fill(plan, opts, &kernel) {
+        Ok(()) => {
+            let range = placer.reservation.into_raw();
+            Ok(View::new(range, plan.lead, plan.len, placer.stats, opts.access(), placer.dmabufs))
+        }
         Err(err) => {
             drop(placer);
             if err.errno() == Some(libc::ENOMEM) && matches!(err, Error::Os { .. }) {
@@ -84,6 +99,118 @@ pub(crate) fn build(plan: &Plan, regions: &Regions, opts: MapOptions) -> Result<
                 Err(err)
             }
         }
+    }
+}
+
+/// The stretches of runs (index ranges, in view order) to give udmabuf, as the placement
+/// policy says; for `KernelBuilt`, all of the plan, or the error naming the first run
+/// udmabuf cannot take.
+fn kernel_built_stretches(plan: &Plan, regions: &Regions, placement: Placement) -> Result<Vec<Range<usize>>, Error> {
+    let spans = regions.spans();
+    match placement {
+        Placement::RemapOnly => Ok(Vec::new()),
+        Placement::Automatic => Ok(udmabuf::automatic(plan, spans, sys::page_size())),
+        Placement::KernelBuilt => {
+            for run in &plan.runs {
+                let why = match run.fd() {
+                    None => Err(KernelBuiltError::NotRegistered),
+                    Some(fd) => regions.state(fd.region).kernel_built,
+                };
+                if let Err(reason) = why {
+                    return Err(Error::KernelBuilt { index: run.first(), reason });
+                }
+            }
+            Ok(std::iter::once(0..plan.runs.len()).collect())
+        }
+    }
+}
+
+/// The dma-bufs of a whole list, with no CPU mapping: what `Remapper::dmabufs` returns.
+/// Every run must be kernel-built, and, since an importer may write a dma-buf, every
+/// source writable.
+pub(crate) fn dmabufs_of(plan: &Plan, regions: &Regions) -> Result<DmaBufs, Error> {
+    check_access(plan, MapOptions::new())?;
+    let all = kernel_built_stretches(plan, regions, Placement::KernelBuilt)?;
+    let buffers = udmabuf::buffers(plan, &all, udmabuf::limits(), sys::page_size());
+    let fds = make_dmabufs(&buffers, regions, &mut 0).map_err(|e| match e {
+        Ok(reason) => Error::KernelBuilt { index: plan.runs[0].first(), reason },
+        Err(e) => e,
+    })?;
+    let buffers = buffers.iter().zip(fds).map(|(b, fd)| DmaBuf { fd, offset: b.dst, len: b.len }).collect();
+    Ok(DmaBufs { buffers, lead: plan.lead, len: plan.len })
+}
+
+/// Makes the dma-bufs of `buffers` (nothing mapped): one `UDMABUF_CREATE_LIST` each. A
+/// refusal the policy may fall back from is `Err(Ok(reason))`; anything else,
+/// `Err(Err(error))`. Nothing is left open on either.
+pub(crate) fn make_dmabufs(
+    buffers: &[udmabuf::Buffer],
+    regions: &Regions,
+    syscalls: &mut usize,
+) -> Result<Vec<OwnedFd>, Result<KernelBuiltError, Error>> {
+    let dev = open_udmabuf()?;
+    let mut made = Vec::with_capacity(buffers.len());
+    let mut items = Vec::new();
+    for b in buffers {
+        items.clear();
+        for item in &b.items {
+            let fd = regions.state(item.region).fd().expect("kernel-built regions have an fd");
+            items.push(sys::UdmabufItem {
+                memfd: fd.as_raw_fd() as u32,
+                pad: 0,
+                offset: item.offset,
+                size: item.size as u64,
+            });
+        }
+        *syscalls += 1;
+        match sys::udmabuf_create_list(dev.as_fd_ref(), &items) {
+            Ok(fd) => made.push(fd),
+            // Seals (EINVAL, EBADFD for a file udmabuf does not take), limits (E2BIG,
+            // EINVAL), pinning (ENOMEM): the kernel will not build this one.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EBADFD | libc::E2BIG | libc::ENOMEM)) => {
+                return Err(Ok(KernelBuiltError::Refused { errno: e.raw_os_error().unwrap_or(libc::EINVAL) }));
+            }
+            Err(source) => {
+                let index = None;
+                return Err(Err(Error::Os { op: Operation::UdmabufCreate, index, source }));
+            }
+        }
+    }
+    Ok(made)
+}
+
+/// `/dev/udmabuf`, opened for one map call (a device found missing is remembered for
+/// the process: it does not appear while a VMM runs).
+struct Device(OwnedFd);
+
+impl Device {
+    fn as_fd_ref(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.0)
+    }
+}
+
+/// Whether `/dev/udmabuf` can be opened here (tries it: cheap, and remembered when it is
+/// missing).
+pub(crate) fn udmabuf_present() -> bool {
+    open_udmabuf().is_ok()
+}
+
+fn open_udmabuf() -> Result<Device, Result<KernelBuiltError, Error>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static MISSING: AtomicBool = AtomicBool::new(false);
+    if MISSING.load(Ordering::Relaxed) {
+        return Err(Ok(KernelBuiltError::NoDevice));
+    }
+    match sys::open_udmabuf() {
+        Ok(fd) => Ok(Device(fd)),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => {
+                MISSING.store(true, Ordering::Relaxed);
+                Err(Ok(KernelBuiltError::NoDevice))
+            }
+            Some(errno @ (libc::EACCES | libc::EPERM)) => Err(Ok(KernelBuiltError::DeviceDenied { errno })),
+            _ => Err(Err(Error::Os { op: Operation::UdmabufOpen, index: None, source: e })),
+        },
     }
 }
 
@@ -110,14 +237,39 @@ struct Placer<'r> {
     probed: BTreeMap<usize, Clonability>,
     /// What each run became, in plan order.
     placed: Vec<Placed>,
+    /// The dma-bufs of the kernel-built runs, mapped in the reservation.
+    dmabufs: Vec<DmaBuf>,
     stats: MapStats,
 }
 
 impl Placer<'_> {
     /// Places every run, then checks clones, fixes protection and prefaults.
-    fn fill(&mut self, plan: &Plan, opts: MapOptions) -> Result<(), Error> {
-        for run in &plan.runs {
-            let placed = self.place(run)?;
+    fn fill(&mut self, plan: &Plan, opts: MapOptions, kernel: &[Range<usize>]) -> Result<(), Error> {
+        let mut by_kernel = vec![false; if kernel.is_empty() { 0 } else { plan.runs.len() }];
+        if !kernel.is_empty() {
+            match self.kernel_build(plan, kernel) {
+                Ok(()) => kernel.iter().flat_map(Range::clone).for_each(|i| by_kernel[i] = true),
+                Err(Ok(reason)) => {
+                    let needed = kernel
+                        .iter()
+                        .flat_map(|r| &plan.runs[r.clone()])
+                        .find(|r| udmabuf::needed(r, self.regions.spans()));
+                    match (opts.placement(), needed) {
+                        (Placement::Automatic, None) => {
+                            log::debug!("iovmap: udmabuf declined ({reason}); placing those runs by clone or fd");
+                            self.stats.kernel_built_declined = Some(reason);
+                        }
+                        (_, needed) => {
+                            let index = needed.map_or_else(|| plan.runs[kernel[0].start].first(), Run::first);
+                            return Err(Error::KernelBuilt { index, reason });
+                        }
+                    }
+                }
+                Err(Err(e)) => return Err(e),
+            }
+        }
+        for (i, run) in plan.runs.iter().enumerate() {
+            let placed = if by_kernel.get(i) == Some(&true) { Placed::KernelBuilt } else { self.place(run)? };
             self.placed.push(placed);
         }
         self.check_clones(plan)?;
@@ -137,6 +289,26 @@ impl Placer<'_> {
             }
             self.populate(plan)?;
         }
+        Ok(())
+    }
+
+    /// Builds the dma-bufs of the `kernel` stretches and maps each into the reservation.
+    fn kernel_build(&mut self, plan: &Plan, kernel: &[Range<usize>]) -> Result<(), Result<KernelBuiltError, Error>> {
+        let buffers = udmabuf::buffers(plan, kernel, udmabuf::limits(), sys::page_size());
+        let fds = make_dmabufs(&buffers, self.regions, &mut self.stats.syscalls)?;
+        for (b, fd) in buffers.iter().zip(fds) {
+            let index = Some(plan.runs[kernel[0].start].first());
+            let dst = self.reservation.slot(b.dst, b.len).ok_or(Err(Error::TooLarge))?;
+            self.stats.syscalls += 1;
+            // SAFETY: `dst` comes from `Reservation::slot`, which checked that
+            // `[dst, dst + b.len)` lies in the reservation, which the map path owns until it
+            // becomes a view.
+            unsafe { sys::map_dmabuf_fixed(dst, b.len, self.prot, std::os::fd::AsFd::as_fd(&fd)) }
+                .map_err(|source| Err(Error::Os { op: Operation::DmabufMap, index, source }))?;
+            self.dmabufs.push(DmaBuf { fd, offset: b.dst, len: b.len });
+        }
+        self.stats.dmabufs = buffers.len();
+        self.stats.kernel_built = kernel.iter().map(ExactSizeIterator::len).sum();
         Ok(())
     }
 
@@ -315,8 +487,8 @@ impl Placer<'_> {
         Ok(())
     }
 
-    /// Prefaults the runs that are not device memory, one madvise per stretch of adjacent
-    /// such runs.
+    /// Prefaults the runs that are not device memory or kernel-built (the kernel refuses
+    /// to prefault pfn mappings), one madvise per stretch of adjacent such runs.
     fn populate(&self, plan: &Plan) -> Result<(), Error> {
         let write = self.prot & libc::PROT_WRITE != 0;
         let mut stretch: Option<(usize, usize, usize)> = None; // (start, end, first segment)
@@ -330,7 +502,7 @@ impl Placer<'_> {
             })
         };
         for (run, placed) in plan.runs.iter().zip(&self.placed) {
-            if *placed == Placed::Device {
+            if matches!(placed, Placed::Device | Placed::KernelBuilt) {
                 flush(stretch.take())?;
                 continue;
             }

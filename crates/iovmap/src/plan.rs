@@ -290,6 +290,9 @@ struct Planner<'a, V: ?Sized> {
     vmas: &'a mut V,
     spans: &'a [RegionSpan],
     base_page: usize,
+    /// Runs of regions udmabuf takes are laid out at the base page, whatever their
+    /// mapping's page size (see [`plan_for_kernel_built`]).
+    kernel_built_pages: bool,
     runs: Vec<Run>,
     open: Option<Open>,
     /// The VMAs the source told, by index (what [`Run::vma`] names): the one cache of a
@@ -357,6 +360,50 @@ pub fn plan_into<V: VmaSource + ?Sized>(
     base_page: usize,
     out: &mut Plan,
 ) -> Result<(), Error> {
+    plan_inner(iovs, vmas, regions, base_page, false, out)
+}
+
+/// [`plan`] for a view the kernel builds (udmabuf): runs in regions udmabuf takes
+/// (`RegionSpan::kernel_built`) are laid out at the base page even where their mapping's
+/// pages are huge, so that 4 KiB pieces of huge-page RAM, which no clone or fd mapping
+/// can place, become runs only udmabuf can place.
+///
+/// ```
+/// use iovmap::plan::{plan, plan_for_kernel_built, FileId, RegionSpan, Vma};
+/// let (h, p) = (0x20_0000, 0x1000);
+/// let file = FileId { dev: 1, ino: 1 };
+/// let mut vmas = [Vma { start: 0x4000_0000, end: 0x4000_0000 + 4 * h, prot: 3, shared: true, page_size: h, file, offset: 0 }];
+/// let ram = [RegionSpan { start: 0x4000_0000, end: 0x4000_0000 + 4 * h, page_size: h, file, mapped_file: file,
+///                         kernel_built: true, ..RegionSpan::default() }];
+/// let iov = |a: usize| libc::iovec { iov_base: (0x4000_0000 + a) as *mut _, iov_len: p };
+/// let list = [iov(3 * h + 5 * p), iov(h + 9 * p)]; // two 4 KiB pages of two huge pages
+/// assert!(matches!(plan(&list, &mut vmas[..], &ram, p), Err(iovmap::Error::Unaligned { index: 0 })));
+/// let kb = plan_for_kernel_built(&list, &mut vmas[..], &ram, p)?;
+/// assert_eq!((kb.runs.len(), kb.runs[1].page_size(), kb.align), (2, p, p));
+/// # Ok::<(), iovmap::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`plan`].
+pub fn plan_for_kernel_built<V: VmaSource + ?Sized>(
+    iovs: &[libc::iovec],
+    vmas: &mut V,
+    regions: &[RegionSpan],
+    base_page: usize,
+) -> Result<Plan, Error> {
+    let mut out = Plan::default();
+    plan_inner(iovs, vmas, regions, base_page, true, &mut out)?;
+    Ok(out)
+}
+
+fn plan_inner<V: VmaSource + ?Sized>(
+    iovs: &[libc::iovec],
+    vmas: &mut V,
+    regions: &[RegionSpan],
+    base_page: usize,
+    kernel_built_pages: bool,
+    out: &mut Plan,
+) -> Result<(), Error> {
     let mut runs = std::mem::take(&mut out.runs);
     runs.clear();
     *out = Plan::default();
@@ -364,6 +411,7 @@ pub fn plan_into<V: VmaSource + ?Sized>(
         vmas,
         spans: regions,
         base_page,
+        kernel_built_pages,
         runs,
         open: None,
         vmas_seen: Vec::new(),
@@ -488,7 +536,10 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         if let Some(s) = span.filter(|s| !s.still_maps(&vma, at)) {
             return Err(Error::StaleRegion { index, at, region: s.id });
         }
-        let page_size = vma.page_size.max(span.map_or(0, |s| s.page_size)).max(self.base_page);
+        let page_size = match span {
+            Some(s) if self.kernel_built_pages && s.kernel_built => self.base_page,
+            _ => vma.page_size.max(span.map_or(0, |s| s.page_size)).max(self.base_page),
+        };
         let offset = span.map(|s| s.offset_of(at));
 
         if let Some(open) = self.open.as_mut() {

@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use crate::strategy::Clonability;
+use crate::udmabuf::KernelBuiltError;
 
 /// A file as the kernel names it: its device and inode.
 ///
@@ -127,6 +128,9 @@ pub struct RegionSpan {
     pub mapped_offset: u64,
     /// The registration the region belongs to.
     pub id: RegionId,
+    /// Whether udmabuf takes ranges of its fd (a memfd with F_SEAL_SHRINK and without
+    /// F_SEAL_WRITE): its runs may be kernel-built.
+    pub kernel_built: bool,
 }
 
 impl Default for RegionSpan {
@@ -141,6 +145,7 @@ impl Default for RegionSpan {
             mapped_file: FileId::default(),
             mapped_offset: 0,
             id: RegionId(0),
+            kernel_built: false,
         }
     }
 }
@@ -184,14 +189,17 @@ impl RegionSpan {
 pub(crate) struct RegionState {
     /// The duplicated fd; `None` for a hole.
     fd: Option<OwnedFd>,
+    /// Why udmabuf would not take the fd's ranges, if it would not (what
+    /// `RegionSpan::kernel_built` says, with the reason for errors).
+    pub(crate) kernel_built: Result<(), KernelBuiltError>,
     /// What is known about cloning the region's mapping ([`Clonability`] as stored by
     /// [`Clonability::to_raw`]), learned by any map call and kept for later ones.
     clone: AtomicI32,
 }
 
 impl RegionState {
-    pub(crate) fn new(fd: Option<OwnedFd>) -> Self {
-        RegionState { fd, clone: AtomicI32::new(Clonability::Unknown.to_raw()) }
+    pub(crate) fn new(fd: Option<OwnedFd>, kernel_built: Result<(), KernelBuiltError>) -> Self {
+        RegionState { fd, kernel_built, clone: AtomicI32::new(Clonability::Unknown.to_raw()) }
     }
 
     /// The fd; the planner never gives a hole a run, so a hole has none to give.
@@ -308,7 +316,7 @@ mod tests {
     fn overlap_is_detected_on_either_side() {
         let mut r = Regions::new();
         let a = r.new_id();
-        r.insert(span(0x4000, 0x8000, a.0), RegionState::new(fd()));
+        r.insert(span(0x4000, 0x8000, a.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd)));
         assert!(r.overlapping(0x3000, 0x4001).is_some());
         assert!(r.overlapping(0x7fff, 0x9000).is_some());
         assert!(r.overlapping(0x5000, 0x6000).is_some());
@@ -316,7 +324,7 @@ mod tests {
         assert!(r.overlapping(0x3000, 0x4000).is_none());
         assert!(r.overlapping(0x8000, 0x9000).is_none());
         let b = r.new_id();
-        r.insert(span(0x1000, 0x2000, b.0), RegionState::new(fd()));
+        r.insert(span(0x1000, 0x2000, b.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd)));
         assert_eq!(r.spans()[0].start, 0x1000);
         assert_eq!(r.remove(RegionId(99)), 0);
         assert_eq!(r.remove(a), 1);
@@ -328,11 +336,14 @@ mod tests {
     fn a_registration_is_removed_whole_and_state_stays_beside_its_span() {
         let mut r = Regions::new();
         let bar = r.new_id();
-        r.insert(span(0x10000, 0x12000, bar.0), RegionState::new(fd()));
-        r.insert(RegionSpan { mappable: false, ..span(0x12000, 0x13000, bar.0) }, RegionState::new(None));
-        r.insert(span(0x13000, 0x20000, bar.0), RegionState::new(fd()));
+        r.insert(span(0x10000, 0x12000, bar.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd)));
+        r.insert(
+            RegionSpan { mappable: false, ..span(0x12000, 0x13000, bar.0) },
+            RegionState::new(None, Err(KernelBuiltError::NotMemfd)),
+        );
+        r.insert(span(0x13000, 0x20000, bar.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd)));
         let other = r.new_id();
-        r.insert(span(0x30000, 0x31000, other.0), RegionState::new(fd()));
+        r.insert(span(0x30000, 0x31000, other.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd)));
         r.state(3).learn(Clonability::Refused(libc::EFAULT));
         assert_eq!(r.remove(bar), 3);
         assert_eq!(r.spans().iter().map(|s| s.start).collect::<Vec<_>>(), [0x30000]);

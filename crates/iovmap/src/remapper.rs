@@ -2,10 +2,12 @@
 
 use std::os::fd::{AsFd, BorrowedFd};
 
+use crate::dmabuf::DmaBufs;
 use crate::error::{Error, Operation, RegionContext, RegionError};
-use crate::options::MapOptions;
+use crate::options::{MapOptions, Placement};
 use crate::plan::{self, Plan, VmaSource};
 use crate::regions::{FileId, RegionId, RegionSpan, RegionState, Regions};
+use crate::udmabuf::{self, KernelBuiltError};
 use crate::view::View;
 use crate::vma::ProcessVmas;
 use crate::{holes, place, sys};
@@ -243,6 +245,7 @@ impl Remapper {
             mapped_file: fd_file,
             mapped_offset: mapped_offset.unwrap_or(offset),
             id: RegionId(0),
+            kernel_built: udmabuf::eligibility(fd).is_ok(),
         })
     }
 
@@ -273,7 +276,11 @@ impl Remapper {
                 .map(sys::dup_cloexec)
                 .transpose()
                 .map_err(|source| invalid(span, RegionError::Os { op: Operation::DupFd, source }))?;
-            states.push(RegionState::new(dup));
+            let kernel_built = match fd {
+                Some(fd) => udmabuf::eligibility(*fd),
+                None => Err(KernelBuiltError::NotMemfd),
+            };
+            states.push(RegionState::new(dup, kernel_built));
         }
         let id = self.regions.new_id();
         for ((span, _), state) in spans.iter().zip(states) {
@@ -373,6 +380,38 @@ impl Remapper {
         map_in(iovs, &self.regions, opts)
     }
 
+    /// Builds the dma-bufs of `iovs` through udmabuf, with no CPU mapping: for VMMs that
+    /// only pass guest memory on (to a GPU, a display, a video encoder). Every segment must
+    /// lie in a registered memfd udmabuf takes (F_SEAL_SHRINK set, F_SEAL_WRITE not),
+    /// mapped writable (an importer may write the buffer). A list that fits one buffer
+    /// (udmabuf's `list_limit` entries, `size_limit_mb`) gives one dma-buf; longer lists
+    /// give several, in list order. The caller owns them: the kernel keeps their pages
+    /// pinned until the last fd and mapping of each is gone.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+    /// let iov = [libc::iovec { iov_base: ram.cast(), iov_len: page }];
+    /// match iovmap::Remapper::new().dmabufs(&iov) {
+    ///     Ok(bufs) => println!("{} dma-buf(s)", bufs.buffers().len()),
+    ///     // Shared anonymous memory is no registered memfd: udmabuf cannot take it.
+    ///     Err(e) => assert!(matches!(e, iovmap::Error::KernelBuilt { index: 0, reason: iovmap::KernelBuiltError::NotRegistered })),
+    /// }
+    /// # unsafe { libc::munmap(ram.cast(), 4 * page) };
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::KernelBuilt`] naming the first segment udmabuf cannot take and why (not
+    /// registered, not a memfd, not sealed, no `/dev/udmabuf`, refused), and the planning
+    /// errors of [`Remapper::map_with`]. Nothing is left open.
+    pub fn dmabufs(&self, iovs: &[libc::iovec]) -> Result<DmaBufs, Error> {
+        let plan = plan_for(iovs, &self.regions, Placement::KernelBuilt)?;
+        place::dmabufs_of(&plan, &self.regions)
+    }
+
     /// Plans a view of `iovs` without mapping anything: the runs it would take, which
     /// is how many VMAs it would cost. Costs one VMA lookup per mapping touched.
     ///
@@ -420,8 +459,30 @@ pub fn map(iovs: &[libc::iovec]) -> Result<View, Error> {
 }
 
 fn map_in(iovs: &[libc::iovec], regions: &Regions, opts: MapOptions) -> Result<View, Error> {
-    let plan: Plan = plan::plan(iovs, &mut ProcessVmas::new(), regions.spans(), sys::page_size())?;
+    let plan = plan_for(iovs, regions, opts.placement())?;
     place::build(&plan, regions, opts)
+}
+
+/// Plans `iovs` for a placement policy. A kernel-built view lays runs of memfds udmabuf
+/// takes out at the base page (`plan::plan_for_kernel_built`); so does automatic placement
+/// when the plain plan fails on pieces of huge-page RAM smaller than a huge page, which
+/// only udmabuf can map, and udmabuf is there.
+pub(crate) fn plan_for(iovs: &[libc::iovec], regions: &Regions, placement: Placement) -> Result<Plan, Error> {
+    let (spans, page) = (regions.spans(), sys::page_size());
+    match placement {
+        Placement::KernelBuilt => plan::plan_for_kernel_built(iovs, &mut ProcessVmas::new(), spans, page),
+        Placement::RemapOnly => plan::plan(iovs, &mut ProcessVmas::new(), spans, page),
+        Placement::Automatic => match plan::plan(iovs, &mut ProcessVmas::new(), spans, page) {
+            Err(e @ Error::Unaligned { .. }) => {
+                let huge_memfd = spans.iter().any(|s| s.kernel_built && s.page_size > page);
+                if !huge_memfd || !place::udmabuf_present() {
+                    return Err(e);
+                }
+                plan::plan_for_kernel_built(iovs, &mut ProcessVmas::new(), spans, page)
+            }
+            other => other,
+        },
+    }
 }
 
 /// A file identity of its own for the regions of one registration whose fd is an

@@ -195,6 +195,93 @@ pub(crate) fn map_fd_noreplace(
     }
 }
 
+/// The seals of a memfd (`fcntl(F_GET_SEALS)`); EINVAL for a file that is not a memfd.
+pub(crate) fn memfd_seals(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
+    // SAFETY: F_GET_SEALS only reads the file's seals; the result is checked.
+    check_int(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })
+}
+
+/// Opens `/dev/udmabuf` read-write, close-on-exec.
+pub(crate) fn open_udmabuf() -> io::Result<OwnedFd> {
+    inject(Operation::UdmabufOpen, NOWHERE)?;
+    // SAFETY: a valid NUL-terminated path; the result is checked.
+    let fd = check_int(unsafe { libc::open(c"/dev/udmabuf".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `struct udmabuf_create_item` of `<linux/udmabuf.h>`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct UdmabufItem {
+    pub memfd: u32,
+    pub pad: u32,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// `struct udmabuf_create_list` without its flexible array: what the ioctl number encodes.
+#[repr(C)]
+struct UdmabufListHead {
+    _flags: u32,
+    _count: u32,
+}
+
+const UDMABUF_FLAGS_CLOEXEC: u32 = 0x01;
+/// `_IOW('u', 0x43, struct udmabuf_create_list)`.
+const UDMABUF_CREATE_LIST: libc::c_ulong = 0x4008_7543;
+const _: () = assert!(std::mem::size_of::<UdmabufListHead>() == 8 && std::mem::size_of::<UdmabufItem>() == 24);
+
+/// Builds one dma-buf (close-on-exec) from `items`, ranges of memfds with F_SEAL_SHRINK
+/// and without F_SEAL_WRITE, page-aligned: `ioctl(dev, UDMABUF_CREATE_LIST)`. The kernel
+/// pins the pages until the buffer is released.
+pub(crate) fn udmabuf_create_list(dev: BorrowedFd<'_>, items: &[UdmabufItem]) -> io::Result<OwnedFd> {
+    inject(Operation::UdmabufCreate, NOWHERE)?;
+    let count = u32::try_from(items.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    // The head and the items, in the kernel's layout (native-endian fields, no padding
+    // between them: checked by the size assertion above).
+    let mut buf = Vec::with_capacity(8 + 24 * items.len());
+    buf.extend_from_slice(&UDMABUF_FLAGS_CLOEXEC.to_ne_bytes());
+    buf.extend_from_slice(&count.to_ne_bytes());
+    for item in items {
+        buf.extend_from_slice(&item.memfd.to_ne_bytes());
+        buf.extend_from_slice(&item.pad.to_ne_bytes());
+        buf.extend_from_slice(&item.offset.to_ne_bytes());
+        buf.extend_from_slice(&item.size.to_ne_bytes());
+    }
+    // SAFETY: `buf` is a struct udmabuf_create_list followed by its `count` items, as
+    // the kernel reads them (copy_from_user, no alignment needed); it is only read.
+    let fd = check_int(unsafe { libc::ioctl(dev.as_raw_fd(), UDMABUF_CREATE_LIST, buf.as_ptr()) })?;
+    // SAFETY: the ioctl returned a fresh dma-buf descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Maps `len` bytes of a dma-buf from its start at exactly `dst`, MAP_SHARED.
+///
+/// # Safety
+/// `[dst, dst + len)` must lie inside a reservation the caller owns; whatever is mapped
+/// there is replaced.
+pub(crate) unsafe fn map_dmabuf_fixed(
+    dst: NonNull<u8>,
+    len: usize,
+    prot: libc::c_int,
+    fd: BorrowedFd<'_>,
+) -> io::Result<()> {
+    inject(Operation::DmabufMap, span(dst, len))?;
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { map_fd_at(dst, len, prot, fd, 0, libc::MAP_FIXED) }.map(drop)
+}
+
+/// Reads a small decimal number from a file (a sysfs parameter).
+pub(crate) fn read_number(path: &CStr) -> io::Result<u64> {
+    let mut buf = Vec::with_capacity(32);
+    read_file(path, &mut buf)?;
+    std::str::from_utf8(&buf)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a number"))
+}
+
 /// Creates a memfd (close-on-exec).
 pub(crate) fn memfd(name: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: `name` is a valid C string; the result is checked.
@@ -433,12 +520,7 @@ pub(crate) fn read_maps_to_count(out: &mut Vec<u8>) -> io::Result<()> {
 
 /// Reads /proc/sys/vm/max_map_count.
 pub(crate) fn max_map_count() -> io::Result<usize> {
-    let mut buf = Vec::with_capacity(32);
-    read_file(c"/proc/sys/vm/max_map_count", &mut buf)?;
-    std::str::from_utf8(&buf)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable vm.max_map_count"))
+    read_number(c"/proc/sys/vm/max_map_count").map(|n| n as usize)
 }
 
 /// The id of the calling process.

@@ -2,6 +2,7 @@
 
 use std::ptr::NonNull;
 
+use crate::dmabuf::DmaBuf;
 use crate::options::Access;
 
 /// What building a view took.
@@ -17,7 +18,7 @@ use crate::options::Access;
 /// let view = iovmap::map(&[iov(0), iov(1), iov(3)])?;
 /// let s = view.stats();
 /// assert_eq!((s.segments, s.runs, s.cloned, s.fd_mapped, s.syscalls), (3, 2, 2, 0, 2));
-/// assert_eq!(s.runs, s.cloned + s.fd_mapped);
+/// assert_eq!(s.runs, s.cloned + s.fd_mapped + s.kernel_built);
 /// # drop(view);
 /// # unsafe { libc::munmap(ram.cast(), 4 * page) };
 /// # Ok::<(), iovmap::Error>(())
@@ -33,9 +34,18 @@ pub struct MapStats {
     pub cloned: usize,
     /// Runs placed by mapping a registered fd (mmap), device memory included.
     pub fd_mapped: usize,
-    /// mremap/mmap attempts for runs, refused clones included (not the reservation, the
-    /// final mprotect, or populate).
+    /// Placement syscalls: mremap/mmap attempts for runs, refused clones included, and
+    /// for kernel-built runs each `UDMABUF_CREATE_LIST` and each mmap of a dma-buf (not the
+    /// reservation, the final mprotect, or populate).
     pub syscalls: usize,
+    /// Runs placed through udmabuf (kernel-built), included in neither `cloned` nor
+    /// `fd_mapped`.
+    pub kernel_built: usize,
+    /// dma-bufs made for the view (see [`View::dmabufs`]).
+    pub dmabufs: usize,
+    /// Why automatic placement did not give runs it would have to udmabuf (the device is
+    /// missing, or refused them); `None` when it did, or had nothing for it.
+    pub kernel_built_declined: Option<crate::KernelBuiltError>,
 }
 
 /// One contiguous mapping of all the pieces of a list. Dropping it unmaps all of it.
@@ -74,6 +84,8 @@ pub struct View {
     len: usize,
     stats: MapStats,
     access: Access,
+    /// The dma-bufs of the kernel-built runs: their mappings are part of the range.
+    dmabufs: Vec<DmaBuf>,
 }
 
 // SAFETY: a View owns its address range exclusively (it was reserved for it and nothing
@@ -87,9 +99,39 @@ unsafe impl Sync for View {}
 impl View {
     /// A view of the mapped range `range` (owned from now on), whose first byte is `lead`
     /// bytes into it.
-    pub(crate) fn new(range: (NonNull<u8>, usize), lead: usize, len: usize, stats: MapStats, access: Access) -> Self {
+    pub(crate) fn new(
+        range: (NonNull<u8>, usize),
+        lead: usize,
+        len: usize,
+        stats: MapStats,
+        access: Access,
+        dmabufs: Vec<DmaBuf>,
+    ) -> Self {
         debug_assert!(lead + len <= range.1);
-        View { base: range.0, map_len: range.1, lead, len, stats, access }
+        View { base: range.0, map_len: range.1, lead, len, stats, access, dmabufs }
+    }
+
+    /// The dma-bufs udmabuf built for the view's kernel-built runs, in view order, each
+    /// with where it lies in [`View::mapped_range`]. Empty unless runs were kernel-built;
+    /// a view built whole through udmabuf ([`MapOptions::kernel_built`]) is covered by
+    /// them, and a list that fits one buffer (udmabuf's `list_limit` entries and
+    /// `size_limit_mb`) has exactly one. The view owns them: they are closed when it is
+    /// dropped; `try_clone_to_owned` one to keep it longer.
+    ///
+    /// ```
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+    /// let view = iovmap::map(&[libc::iovec { iov_base: ram.cast(), iov_len: page }])?;
+    /// assert!(view.dmabufs().is_empty()); // cloned: nothing kernel-built
+    /// # drop(view);
+    /// # unsafe { libc::munmap(ram.cast(), page) };
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    ///
+    /// [`MapOptions::kernel_built`]: crate::MapOptions::kernel_built
+    pub fn dmabufs(&self) -> &[DmaBuf] {
+        &self.dmabufs
     }
 
     /// The first byte of the view: the first byte of the first segment.
@@ -216,6 +258,7 @@ impl View {
 }
 
 impl Drop for View {
+    /// Unmaps the view, then closes its dma-bufs (the fields drop after this).
     fn drop(&mut self) {
         // SAFETY: the range belongs to this view alone (see `Send`), and no reference into
         // it can outlive `self` in safe code: the view hands out raw pointers, and slices

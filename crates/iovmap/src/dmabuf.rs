@@ -1,0 +1,129 @@
+//! dma-bufs out: the buffers udmabuf builds for kernel-built runs, owned by a view
+//! ([`View::dmabufs`](crate::View::dmabufs)) or handed over with no CPU mapping at all
+//! ([`Remapper::dmabufs`](crate::Remapper::dmabufs)).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+/// One dma-buf of a list: an fd, and where its bytes lie in the list's view.
+///
+/// Its pages are those of the guest memory it was built from (writes either way are seen
+/// on the other side), pinned by the kernel for as long as the buffer lives: as long as
+/// this fd, a duplicate of it, or a mapping of it exists.
+///
+/// ```
+/// fn hand_to_display(buf: &iovmap::DmaBuf) {
+///     use std::os::fd::AsRawFd;
+///     println!("dma-buf fd {} covers [{:#x}, +{:#x}) of the view", buf.fd().as_raw_fd(), buf.offset(), buf.len());
+/// }
+/// # let _ = hand_to_display;
+/// ```
+#[derive(Debug)]
+pub struct DmaBuf {
+    pub(crate) fd: OwnedFd,
+    pub(crate) offset: usize,
+    pub(crate) len: usize,
+}
+
+impl DmaBuf {
+    /// The dma-buf's fd (close-on-exec), owned by whoever holds this value.
+    ///
+    /// ```
+    /// # fn f(buf: &iovmap::DmaBuf) -> std::io::Result<std::os::fd::OwnedFd> {
+    /// let mine = buf.fd().try_clone_to_owned()?; // keep the buffer beyond its view
+    /// # Ok(mine) }
+    /// ```
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Where the buffer's first byte lies, from the start of the view's page-aligned
+    /// range (`View::mapped_range().start`; the view's first byte is
+    /// `as_ptr() - mapped_range().start` into it).
+    ///
+    /// ```
+    /// # fn f(buf: &iovmap::DmaBuf) { assert_eq!(buf.offset() % iovmap::page_size(), 0); }
+    /// ```
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Its length in bytes, whole pages.
+    ///
+    /// ```
+    /// # fn f(buf: &iovmap::DmaBuf) { assert!(buf.len() > 0); }
+    /// ```
+    #[allow(clippy::len_without_is_empty)] // a buffer is never empty
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The fd, handed over: the caller owns the buffer from now on.
+    ///
+    /// ```
+    /// # fn f(buf: iovmap::DmaBuf) -> std::os::fd::OwnedFd {
+    /// buf.into_fd()
+    /// # }
+    /// ```
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+}
+
+impl AsFd for DmaBuf {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// The dma-bufs of a whole list, built with no CPU mapping
+/// ([`Remapper::dmabufs`](crate::Remapper::dmabufs)): for VMMs that only pass the memory
+/// on (to a GPU, a display, an encoder). The caller owns them.
+#[derive(Debug)]
+pub struct DmaBufs {
+    pub(crate) buffers: Vec<DmaBuf>,
+    pub(crate) lead: usize,
+    pub(crate) len: usize,
+}
+
+impl DmaBufs {
+    /// The buffers, in list order; together they cover the list from the page boundary
+    /// below its first byte to the end of its last page.
+    ///
+    /// ```
+    /// # fn f(bufs: &iovmap::DmaBufs) { assert_eq!(bufs.buffers()[0].offset(), 0); }
+    /// ```
+    pub fn buffers(&self) -> &[DmaBuf] {
+        &self.buffers
+    }
+
+    /// Where the list's first byte lies in the first buffer (the first segment may start
+    /// mid-page).
+    ///
+    /// ```
+    /// # fn f(bufs: &iovmap::DmaBufs) { assert!(bufs.lead() < iovmap::page_size()); }
+    /// ```
+    pub fn lead(&self) -> usize {
+        self.lead
+    }
+
+    /// The list's length in bytes (the sum of its segments).
+    ///
+    /// ```
+    /// # fn f(bufs: &iovmap::DmaBufs) { assert!(bufs.len() > 0); }
+    /// ```
+    #[allow(clippy::len_without_is_empty)] // an empty list is refused
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The buffers, handed over.
+    ///
+    /// ```
+    /// # fn f(bufs: iovmap::DmaBufs) -> Vec<std::os::fd::OwnedFd> {
+    /// bufs.into_buffers().into_iter().map(iovmap::DmaBuf::into_fd).collect()
+    /// # }
+    /// ```
+    pub fn into_buffers(self) -> Vec<DmaBuf> {
+        self.buffers
+    }
+}
