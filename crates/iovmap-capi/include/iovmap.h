@@ -36,6 +36,44 @@
 #define IOVMAP_MAP_RAISE_SOURCE_PROTECTION (1 << 2)
 
 /**
+ * `iovmap_map` flag: place every run by clone or fd mapping, never through udmabuf (no
+ * dma-buf, no pinned pages), as iovmap 0.1 did.
+ */
+#define IOVMAP_MAP_REMAP_ONLY (1 << 3)
+
+/**
+ * `iovmap_map` flag: build the whole view through udmabuf, or fail with
+ * `IOVMAP_E_KERNEL_BUILT` naming the iovec it cannot take and why; the view's dma-bufs
+ * (`iovmap_view_dmabuf`) then cover all of it. Without this flag or
+ * `IOVMAP_MAP_REMAP_ONLY`, placement is automatic: scattered runs of registered, sealed
+ * memfds go through udmabuf where `/dev/udmabuf` exists, and it falls back to remapping,
+ * without error, where udmabuf is missing or refuses (`iovmap_view_kernel_built`).
+ */
+#define IOVMAP_MAP_KERNEL_BUILT (1 << 4)
+
+/**
+ * Why automatic placement did not give runs to udmabuf (`iovmap_kernel_built.declined`).
+ */
+typedef enum iovmap_declined {
+    /**
+     * It did, or had nothing for it.
+     */
+    IOVMAP_DECLINED_NONE = 0,
+    /**
+     * There is no `/dev/udmabuf` (no CONFIG_UDMABUF, or the module is not loaded).
+     */
+    IOVMAP_DECLINED_NO_DEVICE = 1,
+    /**
+     * `/dev/udmabuf` cannot be opened (`declined_errno` says why).
+     */
+    IOVMAP_DECLINED_DEVICE_DENIED = 2,
+    /**
+     * The kernel refused to build a buffer (`declined_errno`: seals, limits, pinning).
+     */
+    IOVMAP_DECLINED_REFUSED = 3,
+} iovmap_declined;
+
+/**
  * What a function of the C API returns: 0 for success, a negative code for each kind
  * of error. The functions return `int`; these are its values. The message and the
  * index of the iovec at fault are kept for the calling thread
@@ -116,7 +154,20 @@ typedef enum iovmap_code {
      * memory is stable. The index names the run's first segment.
      */
     IOVMAP_E_SOURCE_CHANGED = -14,
+    /**
+     * udmabuf cannot build (part of) the view: `IOVMAP_MAP_KERNEL_BUILT` was asked for, or
+     * the list has pieces of huge-page RAM smaller than a huge page, which only udmabuf
+     * can map, or `iovmap_dmabufs_new` was called. The message says why (not a
+     * registered sealed memfd, no `/dev/udmabuf`, refused); the index names the iovec.
+     */
+    IOVMAP_E_KERNEL_BUILT = -15,
 } iovmap_code;
+
+/**
+ * The dma-bufs of a list, made with no CPU mapping (opaque): `iovmap_dmabufs_new` makes
+ * them, `iovmap_dmabufs_free` closes those not taken.
+ */
+typedef struct iovmap_dmabufs iovmap_dmabufs;
 
 /**
  * A remapper (opaque): the registered regions whose fds stand in where the kernel will
@@ -166,9 +217,50 @@ typedef struct iovmap_stats {
 } iovmap_stats;
 
 /**
+ * One dma-buf: its fd and where its bytes lie in the view (from the page boundary below
+ * the view's first byte; `iovmap_view_ptr` is `lead` bytes into the first buffer).
+ */
+typedef struct iovmap_dmabuf {
+    /**
+     * The dma-buf's fd (close-on-exec); owned as the function that filled this in says.
+     */
+    int fd;
+    /**
+     * Offset of the buffer's first byte from the page boundary below the list's first byte.
+     */
+    uint64_t offset;
+    /**
+     * Length in bytes (whole pages).
+     */
+    uint64_t len;
+} iovmap_dmabuf;
+
+/**
+ * What a view's kernel-built runs took (`iovmap_view_kernel_built`).
+ */
+typedef struct iovmap_kernel_built {
+    /**
+     * Runs placed through udmabuf.
+     */
+    uint64_t runs;
+    /**
+     * dma-bufs made (`iovmap_view_dmabuf_count`).
+     */
+    uint64_t dmabufs;
+    /**
+     * Why automatic placement fell back to remapping, if it did (`IovmapDeclined`).
+     */
+    enum iovmap_declined declined;
+    /**
+     * The errno behind `declined`, or 0.
+     */
+    int32_t declined_errno;
+} iovmap_kernel_built;
+
+/**
  * Every code, from `IOVMAP_OK` down.
  */
-#define iovmap_code_ALL { IOVMAP_OK, IOVMAP_E_INVALID_ARGUMENT, IOVMAP_E_EMPTY, IOVMAP_E_TOO_LARGE, IOVMAP_E_UNALIGNED, IOVMAP_E_NOT_MAPPED, IOVMAP_E_NOT_SHAREABLE, IOVMAP_E_NO_FALLBACK, IOVMAP_E_TOO_MANY_MAPPINGS, IOVMAP_E_INVALID_REGION, IOVMAP_E_NOT_WRITABLE, IOVMAP_E_OS, IOVMAP_E_OTHER, IOVMAP_E_PANIC, IOVMAP_E_SOURCE_CHANGED, }
+#define iovmap_code_ALL { IOVMAP_OK, IOVMAP_E_INVALID_ARGUMENT, IOVMAP_E_EMPTY, IOVMAP_E_TOO_LARGE, IOVMAP_E_UNALIGNED, IOVMAP_E_NOT_MAPPED, IOVMAP_E_NOT_SHAREABLE, IOVMAP_E_NO_FALLBACK, IOVMAP_E_TOO_MANY_MAPPINGS, IOVMAP_E_INVALID_REGION, IOVMAP_E_NOT_WRITABLE, IOVMAP_E_OS, IOVMAP_E_OTHER, IOVMAP_E_PANIC, IOVMAP_E_SOURCE_CHANGED, IOVMAP_E_KERNEL_BUILT, }
 
 #ifdef __cplusplus
 extern "C" {
@@ -303,6 +395,114 @@ int iovmap_view_stats(const struct iovmap_view *v, struct iovmap_stats *out);
  * during or after this one, and nothing may access its memory afterwards.
  */
 void iovmap_view_free(struct iovmap_view *v);
+
+/**
+ * The number of dma-bufs of the view's kernel-built runs (0 when nothing was
+ * kernel-built, or `v` is NULL).
+ *
+ * # Safety
+ * `v` is NULL or a live view, not being freed meanwhile.
+ */
+size_t iovmap_view_dmabuf_count(const struct iovmap_view *v);
+
+/**
+ * Stores dma-buf `index` of the view in `*out`. Its fd belongs to the view: it is closed
+ * by `iovmap_view_free`; `dup` it (F_DUPFD_CLOEXEC) to keep the buffer longer.
+ *
+ * Returns `IOVMAP_OK`, or `IOVMAP_E_INVALID_ARGUMENT` (NULL `v` or `out`, `index` out of
+ * range).
+ *
+ * # Safety
+ * `v` is NULL or a live view, not being freed meanwhile; `out` is NULL or writable.
+ */
+int iovmap_view_dmabuf(const struct iovmap_view *v, size_t index, struct iovmap_dmabuf *out);
+
+/**
+ * Stores what the view's kernel-built runs took in `*out`.
+ *
+ * Returns `IOVMAP_OK`, or `IOVMAP_E_INVALID_ARGUMENT` when `v` or `out` is NULL.
+ *
+ * # Safety
+ * `v` is NULL or a live view, not being freed meanwhile; `out` is NULL or writable.
+ */
+int iovmap_view_kernel_built(const struct iovmap_view *v, struct iovmap_kernel_built *out);
+
+/**
+ * Builds the dma-bufs of the `iovcnt` iovecs at `iov` through udmabuf, with no CPU
+ * mapping, for VMMs that only pass guest memory on (to a GPU, a display, an encoder),
+ * and stores the list in `*out`. Every iovec must lie in a region registered with a
+ * memfd udmabuf takes (F_SEAL_SHRINK set, F_SEAL_WRITE not), mapped writable. A list that
+ * fits one buffer (udmabuf's `list_limit` entries and `size_limit_mb`) gives one dma-buf.
+ * The kernel keeps the pages pinned while a buffer lives.
+ *
+ * Returns `IOVMAP_OK`, or a negative code with `*out` set to NULL and nothing left open:
+ * `IOVMAP_E_KERNEL_BUILT` names the iovec udmabuf cannot take and why, and the list
+ * errors of `iovmap_map` apply.
+ *
+ * # Safety
+ * As `iovmap_map`: `r` is NULL or a live remapper not being changed meanwhile, `iov` is
+ * NULL or `iovcnt` readable iovecs, `out` is NULL or writable.
+ */
+int iovmap_dmabufs_new(const struct iovmap_remapper *r,
+                       const struct iovec *iov,
+                       int iovcnt,
+                       struct iovmap_dmabufs **out);
+
+/**
+ * The number of dma-bufs in the list (0 for NULL).
+ *
+ * # Safety
+ * `l` is NULL or a live list, not being freed meanwhile.
+ */
+size_t iovmap_dmabufs_count(const struct iovmap_dmabufs *l);
+
+/**
+ * Where the list's first byte lies in its first buffer (the first iovec may start
+ * mid-page), or 0 for NULL.
+ *
+ * # Safety
+ * `l` is NULL or a live list, not being freed meanwhile.
+ */
+size_t iovmap_dmabufs_lead(const struct iovmap_dmabufs *l);
+
+/**
+ * The list's length in bytes (the sum of the iovec lengths), or 0 for NULL.
+ *
+ * # Safety
+ * `l` is NULL or a live list, not being freed meanwhile.
+ */
+size_t iovmap_dmabufs_len(const struct iovmap_dmabufs *l);
+
+/**
+ * Stores dma-buf `index` of the list in `*out`; its fd is -1 once taken. The fd belongs
+ * to the list until `iovmap_dmabufs_take`.
+ *
+ * Returns `IOVMAP_OK`, or `IOVMAP_E_INVALID_ARGUMENT` (NULL `l` or `out`, `index` out of
+ * range).
+ *
+ * # Safety
+ * `l` is NULL or a live list, not being freed meanwhile; `out` is NULL or writable.
+ */
+int iovmap_dmabufs_get(const struct iovmap_dmabufs *l, size_t index, struct iovmap_dmabuf *out);
+
+/**
+ * Takes dma-buf `index` out of the list: returns its fd, which the caller owns from now
+ * on (and must close), or a negative `IOVMAP_E_*` code (NULL `l`, `index` out of range,
+ * already taken: `IOVMAP_E_INVALID_ARGUMENT`).
+ *
+ * # Safety
+ * `l` is NULL or a live list that no other call uses meanwhile.
+ */
+int iovmap_dmabufs_take(struct iovmap_dmabufs *l, size_t index);
+
+/**
+ * Frees the list and closes the dma-bufs not taken. NULL is ignored.
+ *
+ * # Safety
+ * `l` is NULL or a list from `iovmap_dmabufs_new` not yet freed; no other call may use it
+ * during or after this one.
+ */
+void iovmap_dmabufs_free(struct iovmap_dmabufs *l);
 
 /**
  * The message of the last error on the calling thread, or an empty string when the

@@ -59,13 +59,18 @@ pub enum IovmapCode {
     /// thread unmapped, replaced or resized it); nothing was mapped: retry once the guest
     /// memory is stable. The index names the run's first segment.
     IOVMAP_E_SOURCE_CHANGED = -14,
+    /// udmabuf cannot build (part of) the view: `IOVMAP_MAP_KERNEL_BUILT` was asked for, or
+    /// the list has pieces of huge-page RAM smaller than a huge page, which only udmabuf
+    /// can map, or `iovmap_dmabufs_new` was called. The message says why (not a
+    /// registered sealed memfd, no `/dev/udmabuf`, refused); the index names the iovec.
+    IOVMAP_E_KERNEL_BUILT = -15,
 }
 
 pub use IovmapCode::*;
 
 impl IovmapCode {
     /// Every code, from `IOVMAP_OK` down.
-    pub const ALL: [IovmapCode; 15] = [
+    pub const ALL: [IovmapCode; 16] = [
         IOVMAP_OK,
         IOVMAP_E_INVALID_ARGUMENT,
         IOVMAP_E_EMPTY,
@@ -81,6 +86,7 @@ impl IovmapCode {
         IOVMAP_E_OTHER,
         IOVMAP_E_PANIC,
         IOVMAP_E_SOURCE_CHANGED,
+        IOVMAP_E_KERNEL_BUILT,
     ];
 
     /// The `int` a function returns for this code.
@@ -159,6 +165,7 @@ pub(crate) fn code_of(e: &Error) -> IovmapCode {
         Error::NotWritable { .. } | Error::ExceedsSource { .. } => IOVMAP_E_NOT_WRITABLE,
         Error::Os { .. } => IOVMAP_E_OS,
         Error::SourceChanged { .. } => IOVMAP_E_SOURCE_CHANGED,
+        Error::KernelBuilt { .. } => IOVMAP_E_KERNEL_BUILT,
         _ => IOVMAP_E_OTHER,
     }
 }
@@ -292,6 +299,7 @@ pub(crate) fn describe(code: IovmapCode) -> &'static CStr {
         IOVMAP_E_OTHER => c"IOVMAP_E_OTHER: an iovmap error this C API has no code for",
         IOVMAP_E_PANIC => c"IOVMAP_E_PANIC: iovmap panicked (a bug)",
         IOVMAP_E_SOURCE_CHANGED => c"IOVMAP_E_SOURCE_CHANGED: a segment's mapping changed while the view was built",
+        IOVMAP_E_KERNEL_BUILT => c"IOVMAP_E_KERNEL_BUILT: udmabuf cannot build the view (the message says why)",
     }
 }
 
@@ -351,6 +359,8 @@ mod tests {
             Error::ExceedsSource { index: 1, prot: libc::PROT_READ, wanted: libc::PROT_READ | libc::PROT_WRITE },
             Error::NotWritable { index: 1 },
             Error::Os { op: Operation::Clone, index: Some(1), source: io() },
+            Error::KernelBuilt { index: 1, reason: iovmap_core::KernelBuiltError::NotRegistered },
+            Error::KernelBuilt { index: 1, reason: iovmap_core::KernelBuiltError::NotSealed },
         ];
         for e in &every {
             let c = c_message(e);
@@ -420,7 +430,7 @@ mod tests {
             let d = unsafe { CStr::from_ptr(iovmap_strerror(c.raw())) }.to_str().unwrap();
             assert!(d.starts_with(&format!("{c:?}: ")), "{c:?}: {d}");
         }
-        for unknown in [1, -15, c_int::MIN, c_int::MAX] {
+        for unknown in [1, -16, c_int::MIN, c_int::MAX] {
             // SAFETY: as above.
             assert_eq!(unsafe { CStr::from_ptr(iovmap_strerror(unknown)) }.to_str().unwrap(), "unknown iovmap code");
         }

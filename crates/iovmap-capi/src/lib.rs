@@ -84,8 +84,15 @@ use std::ptr;
 
 use iovmap_core::{MapOptions, Remapper};
 
+mod dmabuf;
 mod error;
 
+pub use dmabuf::IovmapDeclined::{self, *};
+pub use dmabuf::{
+    IovmapDmabuf, IovmapDmabufs, IovmapKernelBuilt, iovmap_dmabufs_count, iovmap_dmabufs_free, iovmap_dmabufs_get,
+    iovmap_dmabufs_lead, iovmap_dmabufs_len, iovmap_dmabufs_new, iovmap_dmabufs_take, iovmap_view_dmabuf,
+    iovmap_view_dmabuf_count, iovmap_view_kernel_built,
+};
 pub use error::IovmapCode::{self, *};
 use error::{Failure, guard, guard_value};
 pub use error::{iovmap_last_error_index, iovmap_last_error_message, iovmap_strerror};
@@ -102,8 +109,22 @@ pub const IOVMAP_MAP_POPULATE: c_uint = 1 << 1;
 /// change memory the VMM chose to protect. With it the view is writable wherever the
 /// backing file allows (a read-only fd or a write-sealed memfd still refuses).
 pub const IOVMAP_MAP_RAISE_SOURCE_PROTECTION: c_uint = 1 << 2;
+/// `iovmap_map` flag: place every run by clone or fd mapping, never through udmabuf (no
+/// dma-buf, no pinned pages), as iovmap 0.1 did.
+pub const IOVMAP_MAP_REMAP_ONLY: c_uint = 1 << 3;
+/// `iovmap_map` flag: build the whole view through udmabuf, or fail with
+/// `IOVMAP_E_KERNEL_BUILT` naming the iovec it cannot take and why; the view's dma-bufs
+/// (`iovmap_view_dmabuf`) then cover all of it. Without this flag or
+/// `IOVMAP_MAP_REMAP_ONLY`, placement is automatic: scattered runs of registered, sealed
+/// memfds go through udmabuf where `/dev/udmabuf` exists, and it falls back to remapping,
+/// without error, where udmabuf is missing or refuses (`iovmap_view_kernel_built`).
+pub const IOVMAP_MAP_KERNEL_BUILT: c_uint = 1 << 4;
 
-const KNOWN_FLAGS: c_uint = IOVMAP_MAP_READ_ONLY | IOVMAP_MAP_POPULATE | IOVMAP_MAP_RAISE_SOURCE_PROTECTION;
+const KNOWN_FLAGS: c_uint = IOVMAP_MAP_READ_ONLY
+    | IOVMAP_MAP_POPULATE
+    | IOVMAP_MAP_RAISE_SOURCE_PROTECTION
+    | IOVMAP_MAP_REMAP_ONLY
+    | IOVMAP_MAP_KERNEL_BUILT;
 
 /// A remapper (opaque): the registered regions whose fds stand in where the kernel will
 /// not clone a mapping. Create with `iovmap_remapper_new`, free with
@@ -314,26 +335,17 @@ pub unsafe extern "C" fn iovmap_map(
             return Err(Failure::argument(
                 F,
                 format!(
-                    "unknown flags {:#x}: pass IOVMAP_MAP_READ_ONLY, IOVMAP_MAP_POPULATE and/or \
-                     IOVMAP_MAP_RAISE_SOURCE_PROTECTION",
+                    "unknown flags {:#x}: pass IOVMAP_MAP_READ_ONLY, IOVMAP_MAP_POPULATE, \
+                     IOVMAP_MAP_RAISE_SOURCE_PROTECTION, IOVMAP_MAP_REMAP_ONLY and/or IOVMAP_MAP_KERNEL_BUILT",
                     flags & !KNOWN_FLAGS
                 ),
             ));
         }
-        let count =
-            usize::try_from(iovcnt).map_err(|_| Failure::argument(F, format!("iovcnt is negative ({iovcnt})")))?;
-        let iovs: &[libc::iovec] = if count == 0 {
-            &[]
-        } else if iov.is_null() {
-            return Err(Failure::argument(F, format!("iov is NULL but iovcnt is {count}")));
-        } else if !iov.is_aligned() {
-            return Err(Failure::argument(F, "iov is not aligned for struct iovec"));
-        } else {
-            // SAFETY: `iov` is non-NULL and aligned, and points to `count` readable iovecs
-            // that stay unchanged during the call (contract); `count` comes from a
-            // non-negative int, so the slice is far below isize::MAX bytes.
-            unsafe { std::slice::from_raw_parts(iov, count) }
-        };
+        if flags & IOVMAP_MAP_REMAP_ONLY != 0 && flags & IOVMAP_MAP_KERNEL_BUILT != 0 {
+            return Err(Failure::argument(F, "IOVMAP_MAP_REMAP_ONLY and IOVMAP_MAP_KERNEL_BUILT exclude each other"));
+        }
+        // SAFETY: forwarded (contract).
+        let iovs = unsafe { iov_slice(F, iov, iovcnt) }?;
         let mut opts = MapOptions::new();
         if flags & IOVMAP_MAP_READ_ONLY != 0 {
             opts = opts.read_only();
@@ -344,10 +356,42 @@ pub unsafe extern "C" fn iovmap_map(
         if flags & IOVMAP_MAP_RAISE_SOURCE_PROTECTION != 0 {
             opts = opts.raise_source_protection();
         }
+        if flags & IOVMAP_MAP_REMAP_ONLY != 0 {
+            opts = opts.remap_only();
+        }
+        if flags & IOVMAP_MAP_KERNEL_BUILT != 0 {
+            opts = opts.kernel_built();
+        }
         let view = r.inner.map_with(iovs, opts)?;
         *out = Box::into_raw(Box::new(IovmapView { inner: view }));
         Ok(())
     })
+}
+
+/// The `iovcnt` iovecs at `iov` as a slice, checked.
+///
+/// # Safety
+/// `iov` is NULL or points to `iovcnt` readable iovecs that do not change while the slice
+/// is used.
+pub(crate) unsafe fn iov_slice<'a>(
+    function: &str,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+) -> Result<&'a [libc::iovec], Failure> {
+    let count =
+        usize::try_from(iovcnt).map_err(|_| Failure::argument(function, format!("iovcnt is negative ({iovcnt})")))?;
+    if count == 0 {
+        Ok(&[])
+    } else if iov.is_null() {
+        Err(Failure::argument(function, format!("iov is NULL but iovcnt is {count}")))
+    } else if !iov.is_aligned() {
+        Err(Failure::argument(function, "iov is not aligned for struct iovec"))
+    } else {
+        // SAFETY: `iov` is non-NULL and aligned, and points to `count` readable iovecs that
+        // stay unchanged while the slice is used (contract); `count` comes from a
+        // non-negative int, so the slice is far below isize::MAX bytes.
+        Ok(unsafe { std::slice::from_raw_parts(iov, count) })
+    }
 }
 
 /// The first byte of the view (the first byte of the first iovec's memory, seen

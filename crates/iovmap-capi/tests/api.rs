@@ -292,7 +292,11 @@ fn null_pointers_negative_counts_and_unknown_flags_are_errors() {
     // SAFETY: as above.
     bad(unsafe { iovmap_map(r.0, list.as_ptr(), c_int::MIN, 0, &mut out) }, "iovcnt is negative");
     // SAFETY: as above.
-    bad(unsafe { iovmap_map(r.0, list.as_ptr(), 1, 1 << 3, &mut out) }, "unknown flags 0x8");
+    bad(unsafe { iovmap_map(r.0, list.as_ptr(), 1, 1 << 5, &mut out) }, "unknown flags 0x20");
+    bad(
+        unsafe { iovmap_map(r.0, list.as_ptr(), 1, IOVMAP_MAP_REMAP_ONLY | IOVMAP_MAP_KERNEL_BUILT, &mut out) },
+        "exclude each other",
+    );
     // SAFETY: as above.
     bad(unsafe { iovmap_map(r.0, list.as_ptr(), 1, 0x8000_0001, &mut out) }, "unknown flags 0x80000000");
     // An iovec array at an odd address.
@@ -436,6 +440,87 @@ fn a_writable_view_of_read_only_memory_is_not_writable() {
     assert_error(rc, IOVMAP_E_NOT_WRITABLE, 1, &["segment 1", "cannot be written", "IOVMAP_MAP_READ_ONLY"]);
     let view = r.map(&list, IOVMAP_MAP_READ_ONLY).unwrap();
     view.assert_matches(&list);
+}
+
+/// The kernel-built calls on what every kernel can check (NULLs, indices, reasons), and on
+/// this one: with /dev/udmabuf, the dma-bufs themselves; without it, automatic placement's
+/// fallback and the kernel-built error.
+#[test]
+fn kernel_built_views_and_dmabufs() {
+    let ram = GuestRam::sealed(64 * page()).unwrap();
+    ram.fill(4);
+    let r = Remapper::new();
+    assert_eq!(r.register(ram.ptr(), ram.len(), ram.fd().as_raw_fd(), 0), IOVMAP_OK.raw());
+    let list: Vec<libc::iovec> = (0..16).map(|i| ram.iov(2 * i * page(), page())).collect();
+    let mut out = IovmapDmabuf::default();
+    let mut kb = IovmapKernelBuilt { runs: 9, dmabufs: 9, declined: IOVMAP_DECLINED_REFUSED, declined_errno: 9 };
+    // NULLs and bad indices are argument errors.
+    // SAFETY: for this and each call below, every pointer is NULL or live and writable.
+    unsafe {
+        assert_eq!(iovmap_view_dmabuf_count(ptr::null()), 0);
+        assert_eq!(iovmap_view_dmabuf(ptr::null(), 0, &mut out), IOVMAP_E_INVALID_ARGUMENT.raw());
+        assert_eq!(iovmap_view_kernel_built(ptr::null(), &mut kb), IOVMAP_E_INVALID_ARGUMENT.raw());
+        assert_eq!(iovmap_dmabufs_count(ptr::null()), 0);
+        assert_eq!(iovmap_dmabufs_take(ptr::null_mut(), 0), IOVMAP_E_INVALID_ARGUMENT.raw());
+        iovmap_dmabufs_free(ptr::null_mut());
+    }
+    let view = r.map(&list, 0).unwrap();
+    // SAFETY: a live view; `kb` writable.
+    assert_eq!(unsafe { iovmap_view_kernel_built(view.0, &mut kb) }, IOVMAP_OK.raw());
+    let mut l = ptr::null_mut();
+    // SAFETY: live remapper and list; `l` writable.
+    let rc = unsafe { iovmap_dmabufs_new(r.0, list.as_ptr(), list.len() as c_int, &mut l) };
+    match kit::udmabuf() {
+        Err(why) => {
+            eprintln!("no udmabuf ({why}): automatic falls back, kernel-built says why");
+            assert_eq!(
+                kb,
+                IovmapKernelBuilt {
+                    runs: 0,
+                    dmabufs: 0,
+                    declined: IOVMAP_DECLINED_NO_DEVICE,
+                    declined_errno: libc::ENOENT
+                }
+            );
+            // SAFETY: a live view.
+            assert_eq!(unsafe { iovmap_view_dmabuf_count(view.0) }, 0);
+            let rc = r.map(&list, IOVMAP_MAP_KERNEL_BUILT).err().unwrap();
+            assert_error(rc, IOVMAP_E_KERNEL_BUILT, 0, &["/dev/udmabuf does not exist"]);
+            assert_error(rc_of(l, rc), IOVMAP_E_KERNEL_BUILT, 0, &["udmabuf"]);
+        }
+        Ok(()) => {
+            assert_eq!(rc, IOVMAP_OK.raw(), "{}", last_message());
+            assert_eq!((kb.runs, kb.dmabufs, kb.declined), (16, 1, IOVMAP_DECLINED_NONE));
+            // SAFETY: a live view and list; `out` writable.
+            unsafe {
+                assert_eq!(iovmap_view_dmabuf_count(view.0), 1);
+                assert_eq!(iovmap_view_dmabuf(view.0, 0, &mut out), IOVMAP_OK.raw());
+                assert_eq!((out.offset, out.len), (0, 16 * page() as u64));
+                assert!(out.fd >= 0);
+                assert_eq!(iovmap_view_dmabuf(view.0, 1, &mut out), IOVMAP_E_INVALID_ARGUMENT.raw());
+                assert_eq!(
+                    (iovmap_dmabufs_count(l), iovmap_dmabufs_lead(l), iovmap_dmabufs_len(l)),
+                    (1, 0, 16 * page())
+                );
+                assert_eq!(iovmap_dmabufs_get(l, 0, &mut out), IOVMAP_OK.raw());
+                let fds = kit::count_fds();
+                let fd = iovmap_dmabufs_take(l, 0);
+                assert_eq!(fd, out.fd, "the taken fd is the one listed");
+                assert_eq!(iovmap_dmabufs_take(l, 0), IOVMAP_E_INVALID_ARGUMENT.raw(), "taken once");
+                assert_eq!(iovmap_dmabufs_get(l, 0, &mut out), IOVMAP_OK.raw());
+                assert_eq!(out.fd, -1);
+                iovmap_dmabufs_free(l);
+                assert_eq!(kit::count_fds(), fds, "free closes none the caller took");
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+/// The return code `iovmap_dmabufs_new` gave, with the list it must have left NULL.
+fn rc_of(l: *mut IovmapDmabufs, rc: c_int) -> c_int {
+    assert!(l.is_null(), "no list after a failure");
+    rc
 }
 
 #[test]

@@ -42,6 +42,27 @@ fn run_example(exe: &Path) {
             assert!(lines[1].starts_with("pfnmap: skipped"), "{stdout}");
         }
     }
+    let kernel_built: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("kernel-built: ")).collect();
+    match iovmap_testkit::udmabuf() {
+        Ok(()) => assert_eq!(
+            kernel_built,
+            [
+                "kernel-built: 8 iovecs -> 1 dma-buf of ".to_string()
+                    + &(8 * iovmap_testkit::page()).to_string()
+                    + " bytes, bytes match",
+                "kernel-built: the dma-buf, handed over and mapped by its owner, shows the same pages".to_string(),
+            ]
+        ),
+        Err(e) => {
+            eprintln!("SKIP the kernel-built half: {e}");
+            assert_eq!(kernel_built.len(), 2, "{stdout}");
+            assert!(kernel_built[0].contains("/dev/udmabuf does not exist"), "{stdout}");
+            assert!(
+                kernel_built[1].starts_with("kernel-built: automatic placement remapped instead (declined 1,"),
+                "{stdout}"
+            );
+        }
+    }
     assert_eq!(lines.last(), Some(&"remap: ok"));
 }
 

@@ -24,7 +24,8 @@
 //!    run's last segment), and its own first
 //!    byte and its place in the view on a boundary of its own page size (else
 //!    `Unaligned` naming its segment). A run's page size is that of its first piece:
-//!    the largest of the VMA's, the region's and the base page.
+//!    the largest of the VMA's, the region's and the base page; for a kernel-built plan,
+//!    the base page for a piece of a region udmabuf takes (`RegionSpan::kernel_built`).
 //! 6. The first run is mapped from the page boundary below its first byte (`lead`),
 //!    which must lie in the same VMA and the same region, or gap between regions.
 //! 7. A run allows what every one of its pieces' VMAs allows (the AND of their
@@ -55,6 +56,9 @@ pub struct Table<'a> {
     pub regions: &'a [RegionSpan],
     /// The base page size.
     pub base_page: usize,
+    /// Plan for a kernel-built view: runs of regions udmabuf takes are laid out at the base
+    /// page (rule 5).
+    pub kernel_built_pages: bool,
 }
 
 /// Why the model refuses a list: the planner's errors, with the segment index they name.
@@ -162,6 +166,9 @@ impl Table<'_> {
 
     /// Page size of a run that starts with `p` (rule 5).
     pub fn page_size(&self, p: &Piece) -> usize {
+        if self.kernel_built_pages && p.region.is_some_and(|r| self.regions[r].kernel_built) {
+            return self.base_page;
+        }
         let region = p.region.map_or(0, |r| self.regions[r].page_size);
         self.vmas[p.vma].page_size.max(region).max(self.base_page)
     }

@@ -61,7 +61,8 @@ struct RegionSpec {
     offset: u16,
     hole: bool,
     /// What the map path knows of it before the call (mod 3); 252 and up (1 in 64):
-    /// registered at the wrong offset (what a registration made before a remap records).
+    /// registered at the wrong offset (what a registration made before a remap records);
+    /// bit 6: a memfd udmabuf takes.
     known: u8,
     /// Registered before the VMAs under it were replaced by ones with larger pages: its
     /// alignment is its file's only.
@@ -240,6 +241,7 @@ fn build_regions(input: &Input, vmas: &[Vma], base_shift: u32) -> (Vec<RegionSpa
             mappable: !spec.hole,
             mapped_file: MAPPED,
             mapped_offset: (start as u64).wrapping_add(misregistered),
+            kernel_built: spec.known & 0x40 != 0,
             ..RegionSpan::default()
         };
         let known = match spec.known % 3 {
@@ -259,7 +261,7 @@ fn build_regions(input: &Input, vmas: &[Vma], base_shift: u32) -> (Vec<RegionSpa
 
 fn build_list(input: &Input, vmas: &[Vma], regions: &[RegionSpan]) -> Vec<(usize, usize)> {
     let mut list: Vec<(usize, usize)> = Vec::new();
-    let t = Table { vmas, regions, base_page: 0 };
+    let t = Table { vmas, regions, base_page: 0, kernel_built_pages: false };
     for spec in input.segments.iter().take(MAX_SEGMENTS) {
         let prev = list.last().copied();
         let addr = match spec.addr {
@@ -332,18 +334,30 @@ impl World {
 
     /// The table the model and the planner plan against.
     pub fn table(&self) -> Table<'_> {
-        Table { vmas: &self.vmas, regions: &self.regions, base_page: self.base_page }
+        Table { vmas: &self.vmas, regions: &self.regions, base_page: self.base_page, kernel_built_pages: false }
     }
 }
 
 /// Plans `w.list` with the planner and the model and checks they agree; on a plan,
 /// checks the invariants and plays the strategies.
 pub fn check(w: &World) {
-    let t = w.table();
     let iovs: Vec<libc::iovec> =
         w.list.iter().map(|&(a, l)| libc::iovec { iov_base: a as *mut libc::c_void, iov_len: l }).collect();
+    // The plain plan and, where a region udmabuf takes is in the table, the kernel-built one.
+    check_one(w, &iovs, false);
+    if w.regions.iter().any(|r| r.kernel_built) {
+        check_one(w, &iovs, true);
+    }
+}
+
+fn check_one(w: &World, iovs: &[libc::iovec], kernel_built_pages: bool) {
+    let t = Table { kernel_built_pages, ..w.table() };
     let mut source = w.vmas.clone();
-    let got = iovmap::plan::plan(&iovs, &mut source[..], &w.regions, w.base_page);
+    let got = if kernel_built_pages {
+        iovmap::plan::plan_for_kernel_built(iovs, &mut source[..], &w.regions, w.base_page)
+    } else {
+        iovmap::plan::plan(iovs, &mut source[..], &w.regions, w.base_page)
+    };
     let want = model::plan(&t, &w.list);
     match (&got, &want) {
         (Ok(p), Ok(m)) => {

@@ -169,7 +169,7 @@ enum Prediction {
 }
 
 fn predict(w: &World, list: &[libc::iovec], holes: bool, access: Access) -> Prediction {
-    let t = Table { vmas: &w.vmas, regions: &w.spans, base_page: P };
+    let t = Table { vmas: &w.vmas, regions: &w.spans, base_page: P, kernel_built_pages: false };
     let pairs: Vec<(usize, usize)> = list.iter().map(|v| (v.iov_base as usize, v.iov_len)).collect();
     let plan = match model::plan(&t, &pairs) {
         Err(r) => return Prediction::Refused(r),

@@ -9,6 +9,10 @@
  * 3. Device memory the kernel will not clone (a vfio-pci BAR in a real VMM; here a
  *    perf_event ring buffer, VM_PFNMAP like a BAR) is registered with its fd, and a list
  *    mixing RAM and the ring is mapped: the ring through the fd fallback.
+ * 4. Guest RAM sealed as QEMU's memory-backend-memfd seals it, registered: where the
+ *    kernel has /dev/udmabuf, a scattered list is built by the kernel (one dma-buf for
+ *    the view, handed to a "display" that maps it on its own); elsewhere it says why and
+ *    automatic placement remaps instead.
  *
  * Build it from the repository root, after `cargo build --release -p iovmap-capi`:
  *
@@ -26,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -114,6 +119,74 @@ static int perf_ring(size_t data_pages, uint8_t **ring, size_t *len)
     }
     *ring = p;
     return fd;
+}
+
+/* 4. Sealed memfd RAM: kernel-built where /dev/udmabuf exists. */
+static void kernel_built(iovmap_remapper *r)
+{
+    const size_t len = 32 * page;
+    int fd = memfd_create("sealed-ram", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    CHECK(fd >= 0, "memfd_create: %s", strerror(errno));
+    CHECK(ftruncate(fd, (off_t)len) == 0, "ftruncate: %s", strerror(errno));
+    CHECK(fcntl(fd, F_ADD_SEALS, F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL) == 0, "F_ADD_SEALS: %s",
+          strerror(errno));
+    uint8_t *ram = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    CHECK(ram != MAP_FAILED, "mmap: %s", strerror(errno));
+    for (size_t i = 0; i < len; i++)
+        ram[i] = pattern(i);
+    int rc = iovmap_register(r, ram, len, fd, 0);
+    if (rc != IOVMAP_OK)
+        die("iovmap_register of sealed RAM", rc);
+    /* Every other page, backwards: what a guest framebuffer looks like. */
+    struct iovec list[8];
+    for (int i = 0; i < 8; i++)
+        list[i] = (struct iovec){ram + (size_t)(30 - 4 * i) * page, page};
+    iovmap_view *v;
+    rc = iovmap_map(r, list, 8, IOVMAP_MAP_KERNEL_BUILT, &v);
+    if (rc == IOVMAP_E_KERNEL_BUILT) {
+        printf("kernel-built: not here: %s\n", iovmap_last_error_message());
+        rc = iovmap_map(r, list, 8, 0, &v);
+        if (rc != IOVMAP_OK)
+            die("iovmap_map (automatic) of sealed RAM", rc);
+        iovmap_kernel_built kb;
+        CHECK(iovmap_view_kernel_built(v, &kb) == IOVMAP_OK, "iovmap_view_kernel_built");
+        CHECK(kb.runs == 0 && kb.declined != IOVMAP_DECLINED_NONE, "declined %d", (int)kb.declined);
+        check_view(v, list, 8);
+        printf("kernel-built: automatic placement remapped instead (declined %d, errno %d)\n",
+               (int)kb.declined, kb.declined_errno);
+        iovmap_view_free(v);
+    } else {
+        if (rc != IOVMAP_OK)
+            die("iovmap_map (kernel-built) of sealed RAM", rc);
+        check_view(v, list, 8);
+        iovmap_dmabuf buf;
+        CHECK(iovmap_view_dmabuf_count(v) == 1 && iovmap_view_dmabuf(v, 0, &buf) == IOVMAP_OK,
+              "one dma-buf for the view");
+        printf("kernel-built: 8 iovecs -> 1 dma-buf of %" PRIu64 " bytes, bytes match\n", buf.len);
+        iovmap_view_free(v);
+
+        /* No CPU mapping at all: the dma-buf is handed over, and its new owner maps it. */
+        iovmap_dmabufs *l;
+        rc = iovmap_dmabufs_new(r, list, 8, &l);
+        if (rc != IOVMAP_OK)
+            die("iovmap_dmabufs_new", rc);
+        CHECK(iovmap_dmabufs_count(l) == 1, "%zu dma-bufs", iovmap_dmabufs_count(l));
+        int dmabuf = iovmap_dmabufs_take(l, 0);
+        CHECK(dmabuf >= 0, "iovmap_dmabufs_take: %s", iovmap_last_error_message());
+        iovmap_dmabufs_free(l);
+        const uint8_t *display = mmap(NULL, 8 * page, PROT_READ, MAP_SHARED, dmabuf, 0);
+        CHECK(display != MAP_FAILED, "mmap of the dma-buf: %s", strerror(errno));
+        for (int i = 0; i < 8; i++)
+            CHECK(memcmp(display + (size_t)i * page, list[i].iov_base, page) == 0, "page %d of the dma-buf", i);
+        printf("kernel-built: the dma-buf, handed over and mapped by its owner, shows the same pages\n");
+        munmap((void *)display, 8 * page);
+        close(dmabuf);
+    }
+    rc = iovmap_unregister(r, ram);
+    if (rc != IOVMAP_OK)
+        die("iovmap_unregister of sealed RAM", rc);
+    munmap(ram, len);
+    close(fd);
 }
 
 int main(void)
@@ -221,6 +294,8 @@ int main(void)
         munmap(ring, ring_len);
         close(ring_fd);
     }
+
+    kernel_built(r);
 
     iovmap_remapper_free(r);
     munmap(ram, ram_len);
