@@ -368,8 +368,8 @@ pub fn udmabuf() -> Result<(), Unavailable> {
     match std::fs::OpenOptions::new().read(true).write(true).open("/dev/udmabuf") {
         Ok(_) => Ok(()),
         Err(e) => Err(Unavailable(format!(
-            "no usable /dev/udmabuf ({e}): this kernel lacks CONFIG_UDMABUF (the host's 6.18 does; the guest matrix's \
-             newest rows have it)"
+            "no usable /dev/udmabuf ({e}): this kernel lacks CONFIG_UDMABUF, as this project's 6.18 host does; \
+             the newest rows of the guest matrix have it"
         ))),
     }
 }

@@ -37,6 +37,7 @@ fn main() {
         ("hole_kernels_learn_refusals_without_cloning_into_the_reservation", hole_kernels_learn_refusals),
         ("hole_kernels_never_clobber_or_unmap_a_foreign_mapping", hole_kernels_never_clobber),
         ("hole_kernels_roll_back_a_refusal_at_every_clone", hole_kernels_refusal_sweep),
+        ("kernel_built_refusals_fall_back_or_fail_cleanly", kernel_built_refusals_fall_back_or_fail_cleanly),
     ];
     kit::run_counting_checks("leaks", checks, warm_up);
 }
@@ -286,6 +287,33 @@ fn injected_failures_roll_back_at_every_syscall() {
         }
         Err(e) => eprintln!("SKIP part: no huge pages for the trim step: {e}"),
     }
+    // Kernel-built runs (udmabuf): the device's open, each buffer's ioctl and mmap.
+    let sealed = GuestRam::sealed(64 * p).unwrap();
+    sealed.fill(2);
+    let mut sealed_remapper = Remapper::new();
+    sealed_remapper.register(sealed.ptr(), sealed.len(), sealed.fd(), 0).unwrap();
+    let udmabuf = kit::udmabuf();
+    match &udmabuf {
+        Ok(()) => {
+            let scattered: Vec<libc::iovec> = (0..16).map(|i| sealed.iov((31 - i) * 2 * p, p)).collect();
+            let mut with_clone = scattered[..8].to_vec();
+            with_clone.push(ram.iov(50 * p, 2 * p));
+            with_clone.extend_from_slice(&scattered[8..]);
+            scenarios.push(Scenario {
+                name: "kernel-built, populate",
+                remapper: &sealed_remapper,
+                list: scattered,
+                opts: MapOptions::new().kernel_built().populate(),
+            });
+            scenarios.push(Scenario {
+                name: "automatic: kernel-built and cloned, read-only",
+                remapper: &sealed_remapper,
+                list: with_clone,
+                opts: MapOptions::new().read_only().populate(),
+            });
+        }
+        Err(e) => eprintln!("SKIP part: no kernel-built scenario: {e}"),
+    }
     let mut injected = 0;
     let mut reached = std::collections::BTreeSet::new();
     for s in &scenarios {
@@ -330,9 +358,54 @@ fn injected_failures_roll_back_at_every_syscall() {
     if huge.is_ok() {
         must.push("Trim");
     }
+    if udmabuf.is_ok() {
+        must.extend(["UdmabufOpen", "UdmabufCreate", "DmabufMap"]);
+    }
     for m in must {
         assert!(reached.contains(m), "the sweep never failed {m}");
     }
+}
+
+/// Where udmabuf refuses in ways automatic placement falls back from (the device denied,
+/// seals, limits, pinning), the view is remapped, says why, and leaves nothing behind;
+/// kernel-built placement fails instead, naming the reason, and leaves nothing behind.
+fn kernel_built_refusals_fall_back_or_fail_cleanly() {
+    if let Err(e) = kit::udmabuf() {
+        eprintln!("SKIP kernel_built_refusals_fall_back_or_fail_cleanly: {e}");
+        return;
+    }
+    let p = page();
+    let sealed = GuestRam::sealed(64 * p).unwrap();
+    sealed.fill(3);
+    let mut r = Remapper::new();
+    r.register(sealed.ptr(), sealed.len(), sealed.fd(), 0).unwrap();
+    let list: Vec<libc::iovec> = (0..16).map(|i| sealed.iov(i * 2 * p, p)).collect();
+    // A clean view of each kind first: what the process keeps is in place.
+    drop(r.map(&list).unwrap());
+    drop(r.map_with(&list, MapOptions::new().kernel_built()).unwrap());
+    let before = Counts::now();
+    use iovmap::KernelBuiltError as K;
+    for (op, errno, why) in [
+        (Operation::UdmabufOpen, libc::EACCES, K::DeviceDenied { errno: libc::EACCES }),
+        (Operation::UdmabufCreate, libc::EINVAL, K::Refused { errno: libc::EINVAL }),
+        (Operation::UdmabufCreate, libc::E2BIG, K::Refused { errno: libc::E2BIG }),
+        (Operation::UdmabufCreate, libc::ENOMEM, K::Refused { errno: libc::ENOMEM }),
+    ] {
+        let faults = Faults::new().fail(op, 0, errno);
+        let view = r.map(&list).unwrap_or_else(|e| panic!("{op:?} {errno}: automatic must fall back: {e}"));
+        assert!(faults.fired());
+        drop(faults);
+        let s = *view.stats();
+        assert_eq!((s.kernel_built, s.cloned, s.dmabufs, s.kernel_built_declined), (0, 16, 0, Some(why)), "{op:?}");
+        drop(view);
+        before.assert_unchanged(&format!("automatic after {op:?} {errno}"));
+        let faults = Faults::new().fail(op, 0, errno);
+        let e = r.map_with(&list, MapOptions::new().kernel_built()).unwrap_err();
+        drop(faults);
+        assert!(matches!(e, Error::KernelBuilt { index: 0, reason } if reason == why), "{op:?}: {e:?}");
+        before.assert_unchanged(&format!("kernel-built after {op:?} {errno}"));
+    }
+    println!("  automatic fell back and kernel-built failed cleanly on 4 refusals");
 }
 
 fn max_map_count() -> usize {
