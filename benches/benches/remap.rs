@@ -88,7 +88,7 @@ fn w5_small(c: &mut Criterion) {
     let remapper = Remapper::new();
     let mut g = c.benchmark_group("w5_small");
     g.sample_size(30).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
-    for n in [1, 16, 256] {
+    for n in [1, 4, 16, 256] {
         let w = scattered(&ram, n);
         // Whole cycles: map and drop (the floor below also unmaps).
         g.bench_with_input(BenchmarkId::new("iovmap", n), &w, |b, w| {

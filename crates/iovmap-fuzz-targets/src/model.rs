@@ -37,8 +37,9 @@
 //!
 //! Placement (`place`): a run that one clone cannot place goes to its fd; one that can
 //! is cloned unless its region or VMA is known to refuse; on kernels that punch holes an
-//! unknown source is probed first; a refused clone falls back to the fd, and with no fd
-//! the map fails naming the run's first segment.
+//! unknown source is probed first, unless the view is one run (placed where the kernel
+//! chooses, with no reservation a refusal could punch); a refused clone falls back to the
+//! fd, and with no fd the map fails naming the run's first segment.
 
 use std::collections::BTreeMap;
 
@@ -424,6 +425,8 @@ pub fn place(
     holes: bool,
 ) -> Result<Placement, usize> {
     let mut cost = Placement::default();
+    // A view of one run has no reservation: nothing of its own for a refusal to punch.
+    let holes = holes && runs.len() > 1;
     let mut probed: BTreeMap<usize, bool> = BTreeMap::new(); // VMA identity -> clones
     let decide = |run: &Run, info: &RunInfo, known: Known| {
         let got = iovmap::plan::strategy(run, clonability(known), holes);

@@ -45,7 +45,11 @@ pub fn world() -> &'static World {
             let faults = Faults::new().assume_holes(holes);
             let r = w.remapper();
             for f in &w.fixtures {
+                // One run (placed where the kernel chooses), and two (in a reservation,
+                // marked on kernels that punch holes: the marker memfd is opened now).
                 let _ = r.map(&[kit::iov(f.start as *const u8, f.len)]);
+                let page = kit::iov(f.start as *const u8, P);
+                let _ = r.map(&[page, page]);
             }
             drop(faults);
         }

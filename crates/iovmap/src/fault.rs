@@ -13,17 +13,17 @@
 //! ```
 //! use iovmap::fault::{Faults, Operation};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let page = vec![0u8; 1]; // any address: the reservation fails before it is looked at
-//! # let _ = page;
+//! let page = iovmap::page_size();
 //! let faults = Faults::new().fail(Operation::Reserve, 0, libc::ENOMEM);
 //! let shared = unsafe {
-//!     libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE,
+//!     libc::mmap(std::ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,
 //!                libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0)
-//! };
-//! let iov = [libc::iovec { iov_base: shared, iov_len: 4096 }];
-//! assert!(iovmap::map(&iov).is_err());
+//! } as *mut u8;
+//! // Two runs: a view of them needs a reservation.
+//! let iov = |p: usize| libc::iovec { iov_base: unsafe { shared.add(p * page) }.cast(), iov_len: page };
+//! assert!(iovmap::map(&[iov(3), iov(0)]).is_err());
 //! assert!(faults.fired());
-//! # unsafe { libc::munmap(shared, 4096) };
+//! # unsafe { libc::munmap(shared.cast(), 4 * page) };
 //! # Ok(()) }
 //! ```
 
@@ -144,7 +144,8 @@ impl Faults {
     /// # let iov = [libc::iovec { iov_base: ram, iov_len: page }];
     /// let faults = Faults::new().assume_holes(false);
     /// drop(iovmap::map(&iov)?);
-    /// assert_eq!((faults.calls(Operation::Reserve), faults.calls(Operation::Clone)), (1, 1));
+    /// // One run: one clone where the kernel chooses, no reservation.
+    /// assert_eq!((faults.calls(Operation::Reserve), faults.calls(Operation::Clone)), (0, 1));
     /// # Ok::<(), iovmap::Error>(())
     /// ```
     pub fn new() -> Self {

@@ -17,6 +17,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::sync::OnceLock;
 
+use crate::error::Operation;
 use crate::regions::{FileId, RegionSpan, RegionState};
 use crate::strategy::{Clonability, is_refusal};
 use crate::{sys, vma};
@@ -53,7 +54,7 @@ pub fn kernel_punches_holes() -> bool {
 /// kernel chooses (and unmapping the clone): no range iovmap owns is touched, so a
 /// refusal cannot punch a hole. `Ok(Refused(errno))` is a refusal.
 pub(crate) fn probe_clone(src: usize, len: usize) -> io::Result<Clonability> {
-    match sys::clone_anywhere(src, len) {
+    match sys::clone_anywhere(src, len, Operation::CloneProbe) {
         Ok(tmp) => {
             // SAFETY: `tmp` is the clone the kernel just made for this probe; nothing else
             // knows its address.

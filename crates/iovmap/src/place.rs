@@ -75,9 +75,14 @@ pub(crate) fn build(plan: &Plan, regions: &Regions, opts: MapOptions) -> Result<
     let runs = plan.runs.len();
     headroom::check(runs)?;
     let holes = holes::kernel_punches_holes();
-    let reservation = Reservation::new(plan.map_len, plan.align, holes)?;
+    // A view of one run needs no reservation: its one placement goes where the kernel
+    // chooses (and, having no destination of ours to lose, needs no probe on kernels that
+    // punch holes). A hugetlb file's mapping is huge-aligned by the kernel itself.
+    let anywhere = runs == 1 && kernel.is_empty();
+    let reservation = if anywhere { Reservation::empty() } else { Reservation::new(plan.map_len, plan.align, holes)? };
     let mut placer = Placer {
         reservation,
+        anywhere,
         regions,
         prot: opts.access().prot(),
         holes,
@@ -228,7 +233,11 @@ fn check_access(plan: &Plan, opts: MapOptions) -> Result<(), Error> {
 
 /// The state of one map call.
 struct Placer<'r> {
+    /// The range the view is built in: reserved up front, or, for a one-run view
+    /// (`anywhere`), the run's own mapping once placed.
     reservation: Reservation,
+    /// Whether the one run is placed where the kernel chooses, with no reservation.
+    anywhere: bool,
     regions: &'r Regions,
     prot: i32,
     /// Whether this kernel punches a hole at the destination of a refused clone.
@@ -327,13 +336,20 @@ impl Placer<'_> {
     /// known, and nothing known leads back to a probe.
     fn place(&mut self, run: &Run) -> Result<Placed, Error> {
         // The plan lays every run out inside `map_len`, the reservation's length; `slot`
-        // checks it again here, in every build, for the SAFETY arguments below.
-        let dst = self.reservation.slot(run.dst(), run.len()).ok_or(Error::TooLarge)?;
+        // checks it again here, in every build, for the SAFETY arguments below. `None`:
+        // where the kernel chooses (a one-run view).
+        let dst = if self.anywhere {
+            None
+        } else {
+            Some(self.reservation.slot(run.dst(), run.len()).ok_or(Error::TooLarge)?)
+        };
         let fd = run.fd().map(|fd| (fd, self.regions.state(fd.region)));
         let region = fd.map(|(_, state)| state);
         let mut known = self.known(run, region);
+        // A refusal can punch a hole only into a destination of ours.
+        let holes = self.holes && dst.is_some();
         loop {
-            match strategy(run, known, self.holes) {
+            match strategy(run, known, holes) {
                 Strategy::Probe => known = self.probe(run, region)?,
                 Strategy::Clone => match self.clone_into(run, dst, region, known)? {
                     None => return Ok(Placed::Cloned),
@@ -350,9 +366,22 @@ impl Placer<'_> {
         }
     }
 
-    /// Maps the registered fd at `dst`.
-    fn map_fd(&mut self, run: &Run, dst: NonNull<u8>, fd: FdSource, region_fd: BorrowedFd<'_>) -> Result<(), Error> {
+    /// Maps the registered fd at `dst` (`None`: where the kernel chooses).
+    fn map_fd(
+        &mut self,
+        run: &Run,
+        dst: Option<NonNull<u8>>,
+        fd: FdSource,
+        region_fd: BorrowedFd<'_>,
+    ) -> Result<(), Error> {
         self.stats.syscalls += 1;
+        let Some(dst) = dst else {
+            let at = sys::map_shared(run.len(), self.prot, region_fd, fd.offset)
+                .map_err(|e| self.fd_error(run, e, false))?;
+            self.reservation = Reservation::adopt(at, run.len());
+            self.stats.fd_mapped += 1;
+            return Ok(());
+        };
         let hole = self.reservation.is_hole(dst);
         let placed = if hole {
             // The kernel may have unmapped `dst` and another thread may have mapped
@@ -364,14 +393,7 @@ impl Placer<'_> {
             // it becomes a view, and it is not a hole another thread may have taken.
             unsafe { sys::map_fd_fixed(dst, run.len(), self.prot, region_fd, fd.offset) }
         };
-        placed.map_err(|e| match e.raw_os_error() {
-            Some(libc::EACCES | libc::EPERM) if self.prot & libc::PROT_WRITE != 0 => {
-                Error::NotWritable { index: run.first() }
-            }
-            Some(libc::ENOMEM) => Error::Os { op: Operation::FdMap, index: Some(run.first()), source: e },
-            Some(libc::EEXIST) if hole => Error::Os { op: Operation::RefillHole, index: Some(run.first()), source: e },
-            _ => Error::NoFallback { index: run.first(), source: e },
-        })?;
+        placed.map_err(|e| self.fd_error(run, e, hole))?;
         if hole {
             self.reservation.fill_hole(dst);
         }
@@ -379,20 +401,37 @@ impl Placer<'_> {
         Ok(())
     }
 
+    /// The error for an fd mapping the kernel refused (`hole`: into a refused clone's hole).
+    fn fd_error(&self, run: &Run, e: io::Error, hole: bool) -> Error {
+        match e.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) if self.prot & libc::PROT_WRITE != 0 => {
+                Error::NotWritable { index: run.first() }
+            }
+            Some(libc::ENOMEM) => Error::Os { op: Operation::FdMap, index: Some(run.first()), source: e },
+            Some(libc::EEXIST) if hole => Error::Os { op: Operation::RefillHole, index: Some(run.first()), source: e },
+            _ => Error::NoFallback { index: run.first(), source: e },
+        }
+    }
+
     /// Clones `run` into `dst`. `Ok(None)`: placed. `Ok(Some(refused))`: the kernel
     /// refused, and the run may still be placed from an fd.
     fn clone_into(
         &mut self,
         run: &Run,
-        dst: NonNull<u8>,
+        dst: Option<NonNull<u8>>,
         region: Option<&RegionState>,
         known: Clonability,
     ) -> Result<Option<Clonability>, Error> {
         self.stats.syscalls += 1;
-        // SAFETY: `dst` comes from `Reservation::slot`, which checked that
-        // `[dst, dst + run.len())` lies in the reservation, which the map path owns until it
-        // becomes a view.
-        let e = match unsafe { sys::clone_fixed(run.src(), run.len(), dst) } {
+        let cloned = match dst {
+            // SAFETY: `dst` comes from `Reservation::slot`, which checked that
+            // `[dst, dst + run.len())` lies in the reservation, which the map path owns
+            // until it becomes a view.
+            Some(dst) => unsafe { sys::clone_fixed(run.src(), run.len(), dst) },
+            None => sys::clone_anywhere(run.src(), run.len(), Operation::Clone)
+                .map(|at| self.reservation = Reservation::adopt(at, run.len())),
+        };
+        let e = match cloned {
             Ok(()) => {
                 self.stats.cloned += 1;
                 if let Some(r) = region.filter(|_| known == Clonability::Unknown) {
@@ -407,7 +446,7 @@ impl Placer<'_> {
             // destination is still ours.
             return Err(Error::Os { op: Operation::Clone, index: Some(run.first()), source: e });
         }
-        if self.holes {
+        if let (true, Some(dst)) = (self.holes, dst) {
             // Known to clone, yet refused: the source changed under us. On this kernel the
             // destination may be gone (refused for its kind) or not (refused because
             // nothing was mapped there), and if gone, may be someone else's by now. Until

@@ -112,6 +112,19 @@ impl Reservation {
         Ok(held)
     }
 
+    /// No range yet: what a one-run view starts from, before its one placement made
+    /// where the kernel chose is [adopted](Reservation::adopt). Dropping it unmaps nothing.
+    pub(crate) fn empty() -> Self {
+        Reservation { base: NonNull::dangling(), len: 0, marker: None, holes: Vec::new() }
+    }
+
+    /// Takes over `[base, base + len)`, a mapping the map path just made where the kernel
+    /// chose (a one-run view placed without a reservation): from now on it is this
+    /// reservation's to hand to a view or to unmap on error.
+    pub(crate) fn adopt(base: NonNull<u8>, len: usize) -> Self {
+        Reservation { base, len, marker: None, holes: Vec::new() }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.len
     }

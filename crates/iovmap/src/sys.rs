@@ -125,11 +125,12 @@ pub(crate) unsafe fn clone_fixed(src: usize, len: usize, dst: NonNull<u8>) -> io
     check_ptr(ret).map(drop)
 }
 
-/// Clones `[src, src + len)` to an address the kernel chooses and returns it: learns
-/// whether a mapping can be cloned without touching any range iovmap owns (on kernels
-/// that punch a hole at the destination of a refused clone).
-pub(crate) fn clone_anywhere(src: usize, len: usize) -> io::Result<NonNull<u8>> {
-    inject(Operation::CloneProbe, NOWHERE)?;
+/// Clones `[src, src + len)` to an address the kernel chooses and returns it: a one-run
+/// view placed without a reservation (`op` [`Operation::Clone`]), or, on kernels that
+/// punch holes, learning whether a mapping can be cloned without touching any range
+/// iovmap owns ([`Operation::CloneProbe`]).
+pub(crate) fn clone_anywhere(src: usize, len: usize, op: Operation) -> io::Result<NonNull<u8>> {
+    inject(op, NOWHERE)?;
     // SAFETY: without MREMAP_FIXED the kernel picks a free destination, and old_size 0
     // leaves the source mapping in place: no existing mapping is changed.
     check_ptr(unsafe { libc::mremap(src as *mut libc::c_void, 0, len, libc::MREMAP_MAYMOVE) })
@@ -297,8 +298,10 @@ pub(crate) fn truncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
     check_int(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }).map(drop)
 }
 
-/// Maps `len` bytes of `fd` from `offset`, shared, where the kernel chooses.
+/// Maps `len` bytes of `fd` from `offset`, shared, where the kernel chooses (a hugetlb
+/// file's mapping is aligned to its huge page by the kernel).
 pub(crate) fn map_shared(len: usize, prot: libc::c_int, fd: BorrowedFd<'_>, offset: u64) -> io::Result<NonNull<u8>> {
+    inject(Operation::FdMap, NOWHERE)?;
     // SAFETY: NULL address and no MAP_FIXED: the kernel picks free space, so no existing
     // mapping can be replaced.
     check_ptr(unsafe {

@@ -312,23 +312,34 @@ fn hugetlb_ram_is_mapped_from_its_fd_huge_aligned() {
 }
 
 #[test]
-fn io_uring_ring_has_no_way_in() {
+fn io_uring_ring_has_no_way_in_at_a_fixed_place() {
     let ring = match IoUringSq::new() {
         Ok(r) => r,
         Err(e) => skip!("no io_uring: {e}"),
     };
-    let list = [ring.map.iov(0, page())];
-    let e = iovmap::map(&list).unwrap_err();
-    assert!(matches!(e, Error::NoFallback { index: 0, .. }), "{e:?}");
-    // Registered, its fd refuses MAP_FIXED: still no fallback, and the error says so.
+    let ram = GuestRam::new(2 * page()).unwrap();
+    let alone = [ring.map.iov(0, page())];
+    let mixed = [ram.iov(0, page()), ring.map.iov(0, page())];
+    // Unregistered: the clone is refused (VM_DONTEXPAND) and nothing else can place it.
+    for list in [&alone[..], &mixed[..]] {
+        let e = iovmap::map(list).unwrap_err();
+        assert!(matches!(e, Error::NoFallback { .. }), "{e:?}");
+        assert!(e.to_string().contains("register"), "{e}");
+    }
+    // Registered: its fd refuses MAP_FIXED (EINVAL), so a ring run inside a reservation
+    // has no fallback, and the error says so...
     let mut r = Remapper::new();
     r.register(ring.map.ptr(), ring.map.len(), ring.fd(), 0).unwrap();
-    let e = r.map(&list).unwrap_err();
+    let e = r.map(&mixed).unwrap_err();
     match &e {
-        Error::NoFallback { index: 0, source } => assert_eq!(source.raw_os_error(), Some(libc::EINVAL)),
+        Error::NoFallback { index: 1, source } => assert_eq!(source.raw_os_error(), Some(libc::EINVAL)),
         other => panic!("{other:?}"),
     }
-    assert!(e.to_string().contains("register"), "{e}");
+    // ... but a view of the ring alone is one mapping where the kernel chooses, which the
+    // fd takes: the view aliases the ring.
+    let view = r.map(&alone).unwrap();
+    assert_eq!((view.stats().fd_mapped, view.stats().runs), (1, 1));
+    assert_view_matches(&view, &alone);
 }
 
 #[test]

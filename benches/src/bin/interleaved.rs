@@ -1,0 +1,211 @@
+//! Peers measured side by side, interleaved round by round, so that the drift of a shared
+//! machine (or of a TCG guest) cancels out of their ratios. Prints markdown tables of
+//! medians and ratios for docs/benchmarks.md.
+//!
+//! ```text
+//! interleaved small [ROUNDS]          W5: map + drop of 1, 4, 16 scattered pages
+//! interleaved large [ROUNDS] [MiB]    W3 (16,384 and 60,000 scattered pages) and W2
+//!                                     (fragmented), build, build + first touch, teardown
+//! ```
+//!
+//! Peers: iovmap with automatic placement (udmabuf where /dev/udmabuf exists), iovmap
+//! remap only (clone or fd, as 0.1), and the naive loop (a reservation, one clone per
+//! iovec, munmap). Guest RAM is a registered memfd sealed as QEMU's memory-backend-memfd
+//! seals it, so automatic placement may build views in the kernel. Run it on the host
+//! (`cargo run --release -p iovmap-benches --bin interleaved -- small`) or in a guest
+//! (crates/iovmap-vmtest/matrix.sh runs it in the newest row).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use iovmap::{MapOptions, Remapper};
+use iovmap_peers::naive_map;
+use iovmap_testkit::{self as kit, GuestRam, workloads};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn human(ms: f64) -> String {
+    if ms >= 1.0 { format!("{ms:.2} ms") } else { format!("{:.2} µs", ms * 1e3) }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Reads one byte of every page of `[p, p + len)`: the first touch a consumer makes.
+fn touch(p: *const u8, len: usize, page: usize) -> u64 {
+    let mut sum = 0u64;
+    let mut off = 0;
+    while off < len {
+        // SAFETY: callers pass the range of a live view or mapping.
+        sum = sum.wrapping_add(u64::from(unsafe { p.add(off).read_volatile() }));
+        off += page;
+    }
+    sum
+}
+
+/// The peers a table compares, in its column order.
+const PEERS: [&str; 3] = ["iovmap (automatic)", "iovmap (remap only)", "naive loop"];
+
+struct Setup {
+    ram: GuestRam,
+    remapper: Remapper,
+    page: usize,
+}
+
+fn setup(ram_bytes: usize) -> Setup {
+    let ram = GuestRam::sealed(ram_bytes).expect("sealed memfd guest RAM");
+    ram.fill(1);
+    let mut remapper = Remapper::new();
+    remapper.register(ram.ptr(), ram.len(), ram.fd(), 0).expect("register guest RAM");
+    Setup { ram, remapper, page: kit::page() }
+}
+
+/// W5: `inner` map + drop cycles per peer per round, timed together.
+fn small(rounds: usize) {
+    let s = setup(64 << 20);
+    let auto = MapOptions::new();
+    let remap = MapOptions::new().remap_only();
+    // The same RAM unregistered: memfd RAM needs no registration to be cloned, and then
+    // no piece has a registration to check against its VMA.
+    let unregistered = Remapper::new();
+    println!("W5 small, map + drop, medians of {rounds} interleaved rounds (per view):\n");
+    println!(
+        "| iovecs | {} | {} | iovmap (RAM not registered) | {} | automatic / naive | remap only / naive | not registered / naive |",
+        PEERS[0], PEERS[1], PEERS[2]
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for n in [1usize, 4, 16] {
+        let list = workloads::page_iovecs(s.ram.ptr(), &workloads::scattered(n, 3), s.page);
+        let inner = (2000 / n).max(50);
+        let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..rounds {
+            for (k, peer) in t.iter_mut().enumerate() {
+                let start = Instant::now();
+                for _ in 0..inner {
+                    match k {
+                        0 => drop(s.remapper.map_with(black_box(&list), auto).unwrap()),
+                        1 => drop(s.remapper.map_with(black_box(&list), remap).unwrap()),
+                        2 => drop(unregistered.map(black_box(&list)).unwrap()),
+                        _ => drop(naive_map(black_box(&list)).unwrap()),
+                    }
+                }
+                peer.push(ms(start.elapsed()) / inner as f64);
+            }
+        }
+        let [a, r, u, nv] = t.map(median);
+        println!(
+            "| {n} | {} | {} | {} | {} | {:.2}x | {:.2}x | {:.2}x |",
+            human(a),
+            human(r),
+            human(u),
+            human(nv),
+            a / nv,
+            r / nv,
+            u / nv
+        );
+    }
+}
+
+/// W3 and W2: build, build + touch, teardown, each peer once per round.
+fn large(rounds: usize, ram_mib: usize) {
+    let s = setup(ram_mib << 20);
+    let pages = s.ram.len() / s.page;
+    let mut lists = Vec::new();
+    for n in [16_384usize, 60_000] {
+        if 2 * n <= pages {
+            lists.push((format!("W3 scattered, {n} pages"), workloads::scattered(n, 3)));
+        } else {
+            println!(
+                "W3 with {n} pages skipped: it needs {} MiB of guest RAM, {ram_mib} MiB here\n",
+                (2 * n * s.page) >> 20
+            );
+        }
+    }
+    lists.push(("W2 fragmented".to_string(), workloads::fragmented(pages, pages / 4, 64, 2)));
+    // The naive loop of 60,000 pages needs that many VMAs: lift a lowered cap (a guest's).
+    let cap: usize =
+        std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530);
+    if cap < 65530 && std::fs::write("/proc/sys/vm/max_map_count", "65530").is_err() {
+        println!("vm.max_map_count is {cap} and cannot be raised: lists over it are refused\n");
+    }
+    let auto = MapOptions::new();
+    let remap = MapOptions::new().remap_only();
+    for (name, chunks) in &lists {
+        let list = workloads::page_iovecs(s.ram.ptr(), chunks, s.page);
+        let runs = s.remapper.map_with(&list, remap).map(|v| v.stats().runs).unwrap_or(0);
+        let probe = s.remapper.map(&list).ok();
+        let kb = probe.as_ref().map_or(0, |v| v.stats().dmabufs);
+        let declined = probe.as_ref().and_then(|v| v.stats().kernel_built_declined);
+        drop(probe);
+        // [peer][build, build + touch, teardown]
+        let mut t: [[Vec<f64>; 3]; 3] = Default::default();
+        for _ in 0..rounds {
+            for (k, peer) in t.iter_mut().enumerate() {
+                let start = Instant::now();
+                let built = match k {
+                    0 => Built::View(s.remapper.map_with(&list, auto).unwrap()),
+                    1 => Built::View(s.remapper.map_with(&list, remap).unwrap()),
+                    _ => Built::Naive(naive_map(&list).unwrap()),
+                };
+                let (ptr, len) = match &built {
+                    Built::View(v) => (v.as_ptr(), v.len()),
+                    Built::Naive(m) => (m.ptr().cast_const(), m.len()),
+                };
+                let build = start.elapsed();
+                black_box(touch(ptr, len, s.page));
+                let touched = start.elapsed();
+                let start = Instant::now();
+                drop(built);
+                let torn = start.elapsed();
+                peer[0].push(ms(build));
+                peer[1].push(ms(touched));
+                peer[2].push(ms(torn));
+            }
+        }
+        let m = t.map(|p| p.map(median));
+        println!(
+            "{name}: {} iovecs, {runs} runs; automatic placement: {}",
+            list.len(),
+            match (kb, declined) {
+                (0, Some(why)) => format!("remapped ({why})"),
+                (0, None) => "remapped (not worth a dma-buf)".to_string(),
+                (n, _) => format!("{n} dma-bufs (udmabuf)"),
+            }
+        );
+        println!("medians of {rounds} interleaved rounds:\n");
+        println!("| step | {} | {} | {} | naive / automatic | naive / remap only |", PEERS[0], PEERS[1], PEERS[2]);
+        println!("|---|---|---|---|---|---|");
+        for (i, step) in ["build", "build + first touch", "teardown"].iter().enumerate() {
+            let (a, r, n) = (m[0][i], m[1][i], m[2][i]);
+            println!("| {step} | {} | {} | {} | {:.1}x | {:.2}x |", human(a), human(r), human(n), n / a, n / r);
+        }
+        println!();
+    }
+}
+
+/// What a peer built: dropping it is the teardown that is timed.
+enum Built {
+    View(iovmap::View),
+    Naive(kit::Mapping),
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rounds = args.get(1).and_then(|r| r.parse().ok());
+    match args.first().map(String::as_str) {
+        Some("small") => small(rounds.unwrap_or(15)),
+        Some("large") => large(rounds.unwrap_or(5), args.get(2).and_then(|m| m.parse().ok()).unwrap_or(1024)),
+        _ => {
+            eprintln!("usage: interleaved small [ROUNDS] | interleaved large [ROUNDS] [RAM MiB]");
+            std::process::exit(2);
+        }
+    }
+    match kit::udmabuf() {
+        Ok(()) => println!("(/dev/udmabuf present: automatic placement may build views in the kernel)"),
+        Err(why) => println!("(automatic placement cannot use udmabuf here: {why})"),
+    }
+}
