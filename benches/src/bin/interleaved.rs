@@ -6,6 +6,8 @@
 //! interleaved small [ROUNDS]          W5: map + drop of 1, 4, 16 scattered pages
 //! interleaved large [ROUNDS] [MiB]    W3 (16,384 and 60,000 scattered pages) and W2
 //!                                     (fragmented), build, build + first touch, teardown
+//! interleaved crossover [ROUNDS]      udmabuf against remapping by list size and by run
+//!                                     length: where automatic placement switches
 //! ```
 //!
 //! Peers: iovmap with automatic placement (udmabuf where /dev/udmabuf exists), iovmap
@@ -141,15 +143,18 @@ fn large(rounds: usize, ram_mib: usize) {
         let kb = probe.as_ref().map_or(0, |v| v.stats().dmabufs);
         let declined = probe.as_ref().and_then(|v| v.stats().kernel_built_declined);
         drop(probe);
-        // [peer][build, build + touch, teardown]
-        let mut t: [[Vec<f64>; 3]; 3] = Default::default();
+        // [peer][build, build + touch, teardown]; the last peer, kernel-built whatever the
+        // list, shows what automatic placement chose against.
+        let forced = kit::udmabuf().is_ok();
+        let mut t: [[Vec<f64>; 3]; 4] = Default::default();
         for _ in 0..rounds {
-            for (k, peer) in t.iter_mut().enumerate() {
+            for (k, peer) in t.iter_mut().enumerate().take(if forced { 4 } else { 3 }) {
                 let start = Instant::now();
                 let built = match k {
                     0 => Built::View(s.remapper.map_with(&list, auto).unwrap()),
                     1 => Built::View(s.remapper.map_with(&list, remap).unwrap()),
-                    _ => Built::Naive(naive_map(&list).unwrap()),
+                    2 => Built::Naive(naive_map(&list).unwrap()),
+                    _ => Built::View(s.remapper.map_with(&list, MapOptions::new().kernel_built()).unwrap()),
                 };
                 let (ptr, len) = match &built {
                     Built::View(v) => (v.as_ptr(), v.len()),
@@ -166,7 +171,7 @@ fn large(rounds: usize, ram_mib: usize) {
                 peer[2].push(ms(torn));
             }
         }
-        let m = t.map(|p| p.map(median));
+        let m = t.map(|p| p.map(|v| if v.is_empty() { f64::NAN } else { median(v) }));
         println!(
             "{name}: {} iovecs, {runs} runs; automatic placement: {}",
             list.len(),
@@ -177,14 +182,71 @@ fn large(rounds: usize, ram_mib: usize) {
             }
         );
         println!("medians of {rounds} interleaved rounds:\n");
-        println!("| step | {} | {} | {} | naive / automatic | naive / remap only |", PEERS[0], PEERS[1], PEERS[2]);
-        println!("|---|---|---|---|---|---|");
+        println!(
+            "| step | {} | {} | {} | naive / automatic | naive / remap only | kernel-built (forced) |",
+            PEERS[0], PEERS[1], PEERS[2]
+        );
+        println!("|---|---|---|---|---|---|---|");
         for (i, step) in ["build", "build + first touch", "teardown"].iter().enumerate() {
-            let (a, r, n) = (m[0][i], m[1][i], m[2][i]);
-            println!("| {step} | {} | {} | {} | {:.1}x | {:.2}x |", human(a), human(r), human(n), n / a, n / r);
+            let (a, r, n, k) = (m[0][i], m[1][i], m[2][i], m[3][i]);
+            let forced = if k.is_nan() { "-".to_string() } else { format!("{} ({:.1}x)", human(k), n / k) };
+            println!(
+                "| {step} | {} | {} | {} | {:.1}x | {:.2}x | {forced} |",
+                human(a),
+                human(r),
+                human(n),
+                n / a,
+                n / r
+            );
         }
         println!();
     }
+}
+
+/// Where kernel-built views start to pay: forced kernel-built against remap only, map +
+/// first touch + drop, over scattered lists of n pages and over 64 runs of L pages.
+fn crossover(rounds: usize) {
+    if let Err(why) = kit::udmabuf() {
+        println!("crossover: nothing to measure: {why}");
+        return;
+    }
+    let s = setup(256 << 20);
+    let kb = MapOptions::new().kernel_built();
+    let remap = MapOptions::new().remap_only();
+    let cycle = |list: &[libc::iovec], opts: MapOptions| {
+        let v = s.remapper.map_with(list, opts).unwrap();
+        black_box(touch(v.as_ptr(), v.len(), s.page));
+    };
+    let measure = |list: &[libc::iovec], inner: usize| {
+        let mut t = [Vec::new(), Vec::new()];
+        for _ in 0..rounds {
+            for (k, opts) in [kb, remap].into_iter().enumerate() {
+                let start = Instant::now();
+                for _ in 0..inner {
+                    cycle(list, opts);
+                }
+                t[k].push(ms(start.elapsed()) / inner as f64);
+            }
+        }
+        t.map(median)
+    };
+    println!("Kernel-built against remap only, map + first touch + drop, medians of {rounds} interleaved rounds:\n");
+    println!("| list | kernel-built | remap only | remap / kernel-built |");
+    println!("|---|---|---|---|");
+    for n in [1usize, 2, 3, 4, 6, 8, 16, 64, 256] {
+        let list = workloads::page_iovecs(s.ram.ptr(), &workloads::scattered(n, 3), s.page);
+        let [k, r] = measure(&list, (256 / n).max(4));
+        println!("| {n} scattered pages | {} | {} | {:.2}x |", human(k), human(r), r / k);
+    }
+    for len in [2usize, 4, 8, 16, 32, 64] {
+        // 64 runs of `len` adjacent pages, a gap between runs.
+        let chunks: Vec<workloads::Chunk> =
+            (0..64).map(|i| workloads::Chunk { page: i * (len + 1), pages: len }).collect();
+        let list = workloads::chunk_iovecs(s.ram.ptr(), &chunks, s.page);
+        let [k, r] = measure(&list, 4);
+        println!("| 64 runs of {len} pages | {} | {} | {:.2}x |", human(k), human(r), r / k);
+    }
+    println!();
 }
 
 /// What a peer built: dropping it is the teardown that is timed.
@@ -199,8 +261,9 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("small") => small(rounds.unwrap_or(15)),
         Some("large") => large(rounds.unwrap_or(5), args.get(2).and_then(|m| m.parse().ok()).unwrap_or(1024)),
+        Some("crossover") => crossover(rounds.unwrap_or(9)),
         _ => {
-            eprintln!("usage: interleaved small [ROUNDS] | interleaved large [ROUNDS] [RAM MiB]");
+            eprintln!("usage: interleaved small [ROUNDS] | large [ROUNDS] [RAM MiB] | crossover [ROUNDS]");
             std::process::exit(2);
         }
     }
