@@ -17,6 +17,11 @@ fn memfd_mode_maps_verifies_and_compares() {
     assert!(out.contains("segments 4096"), "{out}");
     assert!(out.contains("verified:   16777216 bytes"), "{out}");
     assert!(out.contains("naive loop:"), "{out}");
+    // The kernel-built line: the view through udmabuf, or one line saying why not.
+    match iovmap_testkit::udmabuf() {
+        Ok(()) => assert!(out.contains("kernel-built (udmabuf): runs ") && out.contains("bytes verified"), "{out}"),
+        Err(_) => assert!(out.contains("kernel-built (udmabuf): not here: /dev/udmabuf does not exist"), "{out}"),
+    }
 }
 
 #[test]
