@@ -170,7 +170,7 @@ fn kernel_built(
     drop(view);
     let unmap = t.elapsed();
     let vs_naive = report.naive.map_or(String::new(), |n| {
-        format!(" ({:.0}x the time of the naive loop)", n.as_secs_f64() / took.as_secs_f64())
+        format!(" (the naive loop takes {:.0}x as long)", n.as_secs_f64() / took.as_secs_f64())
     });
     report.lines.push(format!(
         "kernel-built (udmabuf): runs {}  dma-bufs {}  syscalls {}  time {:.2} ms{vs_naive}, {checked} bytes verified, unmap {:.2} ms",
