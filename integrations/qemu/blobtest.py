@@ -3,7 +3,7 @@
 """One boot of test.sh's guest under one QEMU binary, driven from the host.
 
     blobtest.py --qemu BIN --kernel VMLINUZ --initrd CPIO --pattern PATTERN --workdir DIR
-                --ram memfd|hugetlbfs:DIR [--expect refused] [--timeout S] [--size WxH]
+                --ram memfd|hugetlbfs:DIR [--expect refused] [--timeout S] [--size WxH] [--fragment PAGES]
 
 Boots the guest with -device virtio-gpu-pci,blob=true, its RAM on a memfd or on a file
 in a hugetlbfs mount. The guest (test.sh's /init) draws frame 1 of pattern.c's picture
@@ -52,7 +52,8 @@ def qemu_command(a, serial, qmp, trace_log):
         "-L", "/usr/share/seabios", "-L", "/usr/share/qemu",
         "-serial", f"pipe:{serial}", "-qmp", f"unix:{qmp},server=on,wait=off",
         "-kernel", a.kernel, "-initrd", a.initrd, "-no-reboot",
-        "-append", "console=ttyS0 panic=-1 quiet vt.global_cursor_default=0 consoleblank=0",
+        "-append", "console=ttyS0 panic=-1 quiet vt.global_cursor_default=0 consoleblank=0"
+                   + (f" blobtest.fragment={a.fragment}" if a.fragment else ""),
         # The stock binary lacks the first two: it warns and goes on.
         "-trace", "virtio_gpu_iovmap_*", "-trace", "virtio_gpu_blob_copy_init",
         "-trace", "virtio_gpu_cmd_set_scanout_blob",
@@ -261,6 +262,8 @@ def main():
     p.add_argument("--expect", choices=["pixels", "refused"], default="pixels")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--size", help="WxH: the display size virtio-gpu offers (default 1280x800)")
+    p.add_argument("--fragment", type=int, default=0,
+                   help="pages of guest memory the guest fragments before loading virtio-gpu")
     a = p.parse_args()
     a.xres = a.yres = None
     if a.size:
@@ -276,6 +279,8 @@ def main():
         out = run(a)
     except Fail as e:
         out = {"ok": False, "why": str(e)}
+    except Exception as e:  # a bug here or an OS error: still one JSON answer
+        out = {"ok": False, "why": f"{type(e).__name__}: {e}"}
     print(json.dumps(out))
     return 0 if out["ok"] else 1
 

@@ -31,7 +31,10 @@
 # Knobs (environment): QEMU_TEST_TIMEOUT (s per boot, default 300), QEMU_TEST_BUILD_TIMEOUT
 # (s for build.sh, default 5400), QEMU_TEST_APT_TIMEOUT (s, 900), QEMU_TEST_KEEP=1 (keep the
 # scratch directory: serial logs, traces, screendumps), QEMU_TEST_KERNEL_SUITE (default
-# bookworm: its 6.1 kernel is known to make fbdev blobs), and build.sh's knobs
+# bookworm: its 6.1 kernel is known to make fbdev blobs), QEMU_TEST_FIGURES="640x480
+# 1280x800/20000" (extra memfd boots at these display sizes, optionally after the guest
+# fragments PAGES pages of its memory; their iovec counts and map times on stderr:
+# docs/qemu.md's figures; they do not change the verdict), and build.sh's knobs
 # (IOVMAP_CACHE, QEMU_SUITE, QEMU_JOBS).
 set -euo pipefail
 
@@ -51,7 +54,7 @@ say() { echo "test.sh: $*" >&2; }
 fail() { echo "test.sh: $*" >&2; echo "QEMU BLOB TEST: FAIL $*"; exit 1; }
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/qemu-blobtest.XXXXXX")
-HUGE_DIR=$W/hugetlbfs
+HUGE_DIR=$W/mnt-hugetlbfs # not $W/hugetlbfs: that is the hugetlbfs boot's scratch directory
 HUGE_ADDED=0
 NR_HUGE=/proc/sys/vm/nr_hugepages
 CHILD=
@@ -153,6 +156,15 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# blobtest.fragment=N (figures only): fill N pages of tmpfs and free every other one, so
+# that the framebuffer the driver allocates next is made of scattered pages.
+n=$(sed -n 's/.*blobtest\.fragment=\([0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$n" ]; then
+  mkdir -p /frag && mount -t tmpfs -o size=90% tmpfs /frag
+  i=0; while [ $i -lt $n ]; do echo x >/frag/$i; i=$((i + 1)); done
+  rm -f /frag/*[13579]
+  echo "BLOBTEST: fragmented: $n pages filled, every other one freed"
+fi
 for m in $(cat /lib/modules/order); do
   insmod /lib/modules/$m.ko || echo "BLOBTEST: FAIL insmod $m"
 done
@@ -253,7 +265,21 @@ fi
 
 for n in memfd hugetlbfs; do
   [ "$(json $n ok)" = True ] || continue
-  say "$n: $(json $n frames | tr -d "[]'"); guest run $(json $n secs) s; map time $(json $n ns) ns"
+  case $(json $n path) in
+    view) served="map time $(json $n ns) ns" ;;
+    *) served="copied ($(json $n size) bytes)" ;;
+  esac
+  say "$n: $(json $n frames | tr -d "[]'"); guest run $(json $n secs) s; $served"
+done
+# docs/qemu.md's figures: the map time of the fbdev blob at other display sizes and guest
+# memory fragmentation (memfd). Each entry is WxH or WxH/PAGES (blobtest.fragment=PAGES).
+for fig in ${QEMU_TEST_FIGURES:-}; do
+  size=${fig%%/*} frag=
+  case $fig in */*) frag=${fig#*/} ;; esac
+  name=figure-$size-${frag:-0}
+  boot "$name" "$PATCHED" memfd --size "$size" ${frag:+--fragment "$frag"}
+  say "figure: $size, fragment ${frag:-0}: $(json "$name" iovecs) iovecs, $(json "$name" runs) runs," \
+    "$(json "$name" cloned) cloned, map $(json "$name" ns) ns, pixels ok: $(json "$name" ok)"
 done
 say "timings: build.sh ${BUILD_S} s, test.sh total $(( $(date +%s) - T0 )) s"
 if [ ${#problems[@]} -eq 0 ]; then
