@@ -31,6 +31,7 @@
 #   QEMU_BUILD_TIMEOUT    seconds for one QEMU configure+build (default 3000)
 #   QEMU_APT_TIMEOUT      seconds for apt-get/pip (default 900)
 #   QEMU_ONLY=stock|iovmap  build only that one (the other line is then not printed)
+#   QEMU_CACHE_KEEP       builds of each kind kept in the cache, newest first (default 3)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -43,6 +44,7 @@ JOBS=${QEMU_JOBS:-2}
 BUILD_TIMEOUT=${QEMU_BUILD_TIMEOUT:-3000}
 APT_TIMEOUT=${QEMU_APT_TIMEOUT:-900}
 ONLY=${QEMU_ONLY:-}
+KEEP=${QEMU_CACHE_KEEP:-3}
 CACHE=$IOVMAP_CACHE/qemu
 PATCHES=$HERE/patches
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -150,6 +152,7 @@ if [ "$ONLY" != iovmap ]; then
     build_qemu "$STOCK"
   else
     say "reusing $(basename "$STOCK")"
+    touch "$STOCK" # newest first for prune
   fi
 fi
 
@@ -184,8 +187,21 @@ if [ "$ONLY" != stock ]; then
     build_qemu "$PATCHED" --enable-iovmap
   else
     say "reusing $(basename "$PATCHED")"
+    touch "$PATCHED"
   fi
 fi
+
+# Keep the newest $KEEP builds of each kind (other worktrees may use older keys), drop the
+# rest: each is ~0.7 GB. Done under the lock, so no build in progress is touched.
+prune() {
+  local kind=$1 d
+  { ls -dt "$CACHE"/qemu-*-"$kind"-* 2>/dev/null || true; } | tail -n +$(( KEEP + 1 )) | while read -r d; do
+    say "removing the old build $(basename "$d")"
+    rm -rf "$d"
+  done
+}
+prune stock
+prune iovmap
 
 say "done in $(( $(date +%s) - T0 )) s"
 [ "$ONLY" = iovmap ] || echo "stock $STOCK/build/qemu-system-x86_64"
