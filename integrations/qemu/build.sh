@@ -5,7 +5,8 @@
 #
 #   bash integrations/qemu/build.sh          # last line of stdout: the patched binary
 #
-# stdout carries exactly two lines: `stock <path>` (the unpatched qemu-system-x86_64)
+# stdout carries three lines: `stock <path>` (the unpatched qemu-system-x86_64), `lib <dir>`
+# (libiovmap built from this clone, to run the patched binary with LD_LIBRARY_PATH=<dir>)
 # and, last, the path of the patched qemu-system-x86_64. Progress goes to stderr.
 #
 # Steps: installs the Debian build dependencies that are missing (apt, as root), makes a
@@ -19,10 +20,13 @@
 # is its key, and is reused while the key holds:
 #   stock:   qemu-<Debian version>-stock-c<hash of the configure line>
 #   patched: qemu-<Debian version>-iovmap-c<configure>-p<hash of the patch files>
-#            -l<libiovmap version>-<hash of the C API's inputs: crates/iovmap and
-#            crates/iovmap-capi sources, manifests, Cargo.lock>
-# So a rerun with nothing changed builds nothing (a few seconds), a changed patch or
-# library rebuilds only the patched QEMU, and a new Debian upload rebuilds both.
+#            -a<libiovmap's ABI (crates/iovmap-capi/abi-version)>-h<hash of what QEMU is
+#            compiled and linked against: iovmap.h, iovmap.pc.in, install.sh>
+# The patched QEMU links libiovmap.so.<ABI> dynamically, so a change to the library that
+# keeps its ABI does not rebuild QEMU: every run builds libiovmap from this clone (cargo,
+# incremental) into the clone's target directory, and test.sh runs the cached QEMU on it.
+# A rerun with nothing changed builds nothing (a few seconds), a changed patch or header
+# rebuilds only the patched QEMU, and a new Debian upload rebuilds both.
 #
 # Knobs (environment):
 #   IOVMAP_CACHE          cache root (default $HOME/.cache/iovmap, as debian-packages.sh)
@@ -163,17 +167,22 @@ if [ "$ONLY" != stock ]; then
   shopt -u nullglob
   [ ${#SERIES[@]} -gt 0 ] || die "no patches in $PATCHES"
   PATCH_HASH=$(cat "${SERIES[@]}" | short_hash)
-  LIB_VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$ROOT/Cargo.toml" | head -n 1)
-  # What libiovmap is built from: both crates' sources and manifests, and the lock file.
-  LIB_HASH=$(cd "$ROOT" && find crates/iovmap/src crates/iovmap/Cargo.toml crates/iovmap-capi/src \
-      crates/iovmap-capi/include crates/iovmap-capi/build.rs crates/iovmap-capi/Cargo.toml \
-      crates/iovmap-capi/install.sh crates/iovmap-capi/iovmap.pc.in Cargo.toml Cargo.lock \
-      -type f 2>/dev/null | LC_ALL=C sort | xargs sha256sum | short_hash)
-  PATCHED=$CACHE/qemu-$VERSION-iovmap-c$CFG_HASH-p$PATCH_HASH-l$LIB_VERSION-$LIB_HASH
+  ABI=$(cat "$ROOT/crates/iovmap-capi/abi-version")
+  # What QEMU is built against: the header, the pkg-config template and the installer that
+  # lays them out. The library's code is not in the key (see Cache above).
+  API_HASH=$(cd "$ROOT/crates/iovmap-capi" && cat include/iovmap.h iovmap.pc.in install.sh abi-version \
+      | short_hash)
+  PATCHED=$CACHE/qemu-$VERSION-iovmap-c$CFG_HASH-p$PATCH_HASH-a$ABI-h$API_HASH
+  # libiovmap from this clone, every run: where the patched QEMU finds it at run time.
+  LIBDIR_FRESH=$TARGET_DIR/qemu-libiovmap
+  say "building libiovmap $ABI from this clone (cargo build --release -p iovmap-capi)"
+  timeout -k 10 "$BUILD_TIMEOUT" nice -n 10 cargo build -q --release -j"$JOBS" \
+    --manifest-path "$ROOT/Cargo.toml" -p iovmap-capi >&2 || die "cargo build -p iovmap-capi failed"
+  rm -rf "$LIBDIR_FRESH"
+  sh "$ROOT/crates/iovmap-capi/install.sh" --prefix "$LIBDIR_FRESH" --from "$TARGET_DIR/release" >&2 \
+    || die "install.sh failed"
   if [ ! -e "$PATCHED/.complete" ]; then
-    say "building libiovmap $LIB_VERSION (cargo build --release -p iovmap-capi)"
-    timeout -k 10 "$BUILD_TIMEOUT" nice -n 10 cargo build -q --release -j"$JOBS" \
-      --manifest-path "$ROOT/Cargo.toml" -p iovmap-capi >&2 || die "cargo build -p iovmap-capi failed"
+    # QEMU compiles and links against a copy in the build's own prefix (its RUNPATH).
     rm -rf "$PATCHED/iovmap"
     sh "$ROOT/crates/iovmap-capi/install.sh" --prefix "$PATCHED/iovmap" --from "$TARGET_DIR/release" >&2 \
       || die "install.sh failed"
@@ -205,4 +214,5 @@ prune iovmap
 
 say "done in $(( $(date +%s) - T0 )) s"
 [ "$ONLY" = iovmap ] || echo "stock $STOCK/build/qemu-system-x86_64"
+[ "$ONLY" = stock ] || echo "lib $LIBDIR_FRESH/lib"
 [ "$ONLY" = stock ] || echo "$PATCHED/build/qemu-system-x86_64"

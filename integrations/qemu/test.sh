@@ -105,7 +105,17 @@ in_bg timeout -k 10 "$BUILD_TIMEOUT" bash "$HERE/build.sh" >"$W/build.out" \
 BUILD_S=$(( $(date +%s) - T_BUILD ))
 PATCHED=$(tail -n 1 "$W/build.out")
 STOCK=$(sed -n 's/^stock //p' "$W/build.out")
-[ -x "$PATCHED" ] && [ -x "$STOCK" ] || fail "build.sh printed no usable binaries: $(tr '\n' ' ' <"$W/build.out")"
+LIBIOVMAP=$(sed -n 's/^lib //p' "$W/build.out")
+[ -x "$PATCHED" ] && [ -x "$STOCK" ] && [ -d "$LIBIOVMAP" ] \
+  || fail "build.sh printed no usable binaries: $(tr '\n' ' ' <"$W/build.out")"
+# The patched QEMU is cached while libiovmap's ABI holds; the library it runs on is this
+# clone's, which must be the one the dynamic linker picks.
+ABI=$(cat "$ROOT/crates/iovmap-capi/abi-version")
+RESOLVED=$(LD_LIBRARY_PATH=$LIBIOVMAP ldd "$PATCHED" | sed -n "s/^[[:space:]]*libiovmap\.so\.$ABI => \([^ ]*\) .*/\1/p")
+[ "$RESOLVED" = "$LIBIOVMAP/libiovmap.so.$ABI" ] \
+  || fail "the patched QEMU would load libiovmap from '${RESOLVED:-nowhere}', not $LIBIOVMAP"
+say "libiovmap: $RESOLVED"
+export LD_LIBRARY_PATH=$LIBIOVMAP${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 say "patched: $PATCHED"
 say "stock:   $STOCK"
 
