@@ -134,8 +134,9 @@ impl From<Error> for Failure {
 /// What a C caller is told: iovmap's message, with the Rust names of the calls and
 /// options it advises replaced by the C API's.
 pub(crate) fn c_message(e: &Error) -> String {
-    const C_NAMES: [(&str, &str); 5] = [
+    const C_NAMES: [(&str, &str); 6] = [
         ("Remapper::register", "iovmap_register"),
+        ("MapOptions::kernel_built()", "IOVMAP_MAP_KERNEL_BUILT"),
         ("Access::ReadOnly", "IOVMAP_MAP_READ_ONLY"),
         ("MapOptions::raise_source_protection()", "IOVMAP_MAP_RAISE_SOURCE_PROTECTION"),
         ("isize::MAX", "PTRDIFF_MAX"),
@@ -338,7 +339,7 @@ mod tests {
         let every: Vec<Error> = vec![
             Error::Empty,
             Error::TooLarge,
-            Error::Unaligned { index: 1 },
+            Error::Unaligned { index: 1, page_size: 2 << 20 },
             Error::NotMapped { index: 1 },
             Error::NotShareable { index: 1 },
             Error::NoFallback { index: 1, source: io() },
@@ -370,6 +371,7 @@ mod tests {
             assert!(!c_reachable || code_of(e) != IOVMAP_E_OTHER, "{e:?} has no code of its own");
         }
         assert!(c_message(&every[6]).contains("iovmap_register"), "{}", c_message(&every[6]));
+        assert!(c_message(&every[2]).contains("(2 MiB)") && c_message(&every[2]).contains("IOVMAP_MAP_KERNEL_BUILT"));
         assert!(c_message(&every[14]).contains("IOVMAP_MAP_RAISE_SOURCE_PROTECTION"));
         assert!(c_message(&every[15]).contains("IOVMAP_MAP_READ_ONLY"));
     }

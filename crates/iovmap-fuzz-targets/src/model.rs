@@ -89,7 +89,7 @@ impl Refusal {
             (Refusal::Empty, E::Empty) | (Refusal::TooLarge, E::TooLarge) => true,
             (Refusal::NotMapped(i), E::NotMapped { index })
             | (Refusal::NotShareable(i), E::NotShareable { index })
-            | (Refusal::Unaligned(i), E::Unaligned { index })
+            | (Refusal::Unaligned(i), E::Unaligned { index, .. })
             | (Refusal::DeviceHole(i), E::DeviceHole { index })
             | (Refusal::StaleRegion(i), E::StaleRegion { index, .. }) => i == *index,
             _ => false,

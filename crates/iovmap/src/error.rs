@@ -133,13 +133,18 @@ pub enum Error {
 
     /// A boundary between two runs is not on a page boundary of both mappings.
     #[error(
-        "segment {index} meets its neighbour off a page boundary: interior segments must start and end \
-         on the page size of their mapping (the base page, or the huge page size), unless one continues \
-         the other in the same mapping; only the first segment may start, and the last end, mid-page"
+        "segment {index} meets its neighbour off a page boundary of its mapping ({}): interior segments \
+         must start and end on that page size, unless one continues the other in the same mapping; only \
+         the first segment may start, and the last end, mid-page{}",
+        PageSize(*.page_size),
+        huge_page_hint(*.page_size)
     )]
     Unaligned {
         /// Index of the offending segment in the caller's list.
         index: usize,
+        /// The page size of the mapping whose boundary is missed: the base page, or the
+        /// huge page size of hugetlbfs memory.
+        page_size: usize,
     },
 
     /// Part of a segment is not mapped in this process.
@@ -392,8 +397,9 @@ pub enum RegionError {
     OffsetOverflow,
     /// Address, length or offset is not a multiple of the mapping's page size.
     #[error(
-        "it is not aligned to the mapping's page size ({page_size:#x}): address, length and offset must all \
-         be multiples of it"
+        "it is not aligned to the mapping's page size ({}): address, length and offset must all be \
+         multiples of it",
+        PageSize(*.page_size)
     )]
     Unaligned {
         /// The page size of the mapping (the huge page size on hugetlbfs).
@@ -476,13 +482,13 @@ impl Error {
     /// The index of the segment the error names, if it names one.
     ///
     /// ```
-    /// let e = iovmap::Error::Unaligned { index: 3 };
+    /// let e = iovmap::Error::Unaligned { index: 3, page_size: 4096 };
     /// assert_eq!(e.index(), Some(3));
     /// assert_eq!(iovmap::Error::Empty.index(), None);
     /// ```
     pub fn index(&self) -> Option<usize> {
         match self {
-            Error::Unaligned { index }
+            Error::Unaligned { index, .. }
             | Error::NotMapped { index }
             | Error::NotShareable { index }
             | Error::NoFallback { index, .. }
@@ -509,7 +515,7 @@ impl Error {
     #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))]
     pub(crate) fn map_index(mut self, f: impl FnOnce(usize) -> usize) -> Error {
         match &mut self {
-            Error::Unaligned { index }
+            Error::Unaligned { index, .. }
             | Error::NotMapped { index }
             | Error::NotShareable { index }
             | Error::NoFallback { index, .. }
@@ -544,5 +550,53 @@ impl Error {
             } => Some(*errno),
             _ => None,
         }
+    }
+}
+
+/// A page size as people write it: `4 KiB`, `2 MiB`, `1 GiB` (bytes in hex otherwise).
+struct PageSize(usize);
+
+impl std::fmt::Display for PageSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [(usize, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        match UNITS.iter().find(|(unit, _)| self.0 >= *unit && self.0 % unit == 0) {
+            Some((unit, name)) => write!(f, "{} {name}", self.0 / unit),
+            None => write!(f, "{:#x} bytes", self.0),
+        }
+    }
+}
+
+/// What to do about pieces of huge-page memory that miss its boundaries: only udmabuf can
+/// view them without a copy.
+fn huge_page_hint(page_size: usize) -> &'static str {
+    if page_size > crate::sys::page_size() {
+        "; pieces of huge-page memory smaller than its huge pages can be viewed only through udmabuf: \
+         register the memory as a sealed hugetlb memfd and map with MapOptions::kernel_built(), or copy"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_sizes_read_as_people_write_them() {
+        let text = |n| PageSize(n).to_string();
+        assert_eq!(text(4096), "4 KiB");
+        assert_eq!(text(16384), "16 KiB");
+        assert_eq!(text(2 << 20), "2 MiB");
+        assert_eq!(text(1 << 30), "1 GiB");
+        assert_eq!(text(0x1800), "6 KiB");
+        assert_eq!(text(100), "0x64 bytes");
+    }
+
+    #[test]
+    fn only_huge_pages_get_the_udmabuf_hint() {
+        let base = Error::Unaligned { index: 2, page_size: crate::sys::page_size() }.to_string();
+        assert!(base.starts_with("segment 2 meets") && !base.contains("udmabuf"), "{base}");
+        let huge = Error::Unaligned { index: 2, page_size: 1 << 30 }.to_string();
+        assert!(huge.contains("(1 GiB)") && huge.contains("MapOptions::kernel_built()"), "{huge}");
     }
 }

@@ -377,7 +377,7 @@ pub fn plan_into<V: VmaSource + ?Sized>(
 ///                         kernel_built: true, ..RegionSpan::default() }];
 /// let iov = |a: usize| libc::iovec { iov_base: (0x4000_0000 + a) as *mut _, iov_len: p };
 /// let list = [iov(3 * h + 5 * p), iov(h + 9 * p)]; // two 4 KiB pages of two huge pages
-/// assert!(matches!(plan(&list, &mut vmas[..], &ram, p), Err(iovmap::Error::Unaligned { index: 0 })));
+/// assert!(matches!(plan(&list, &mut vmas[..], &ram, p), Err(iovmap::Error::Unaligned { index: 0, .. })));
 /// let kb = plan_for_kernel_built(&list, &mut vmas[..], &ram, p)?;
 /// assert_eq!((kb.runs.len(), kb.runs[1].page_size(), kb.align), (2, p, p));
 /// # Ok::<(), iovmap::Error>(())
@@ -573,7 +573,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
             Some(prev) => {
                 let dst = prev.dst.checked_add(prev.len).ok_or(Error::TooLarge)?;
                 if !is_aligned(at, page_size) || !is_aligned(dst, page_size) {
-                    return Err(Error::Unaligned { index });
+                    return Err(Error::Unaligned { index, page_size });
                 }
                 (dst, at)
             }
@@ -587,7 +587,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         let floor = (at - src) as u64;
         let fd_offset = offset.map(|o| o.checked_sub(floor));
         if src < vma.start || src < region_start || fd_offset == Some(None) {
-            return Err(Error::Unaligned { index });
+            return Err(Error::Unaligned { index, page_size });
         }
         self.align = self.align.max(page_size);
         let fd = region.zip(fd_offset.flatten());
@@ -621,7 +621,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         // Its end, in the source and in the view (a run that hops between aliases of one
         // file by offset maps `mapped` bytes, whatever the addresses), is on a page boundary.
         if !is_aligned(open.src_end, run.page_size()) || !is_aligned(open.mapped, run.page_size()) {
-            return Err(Error::Unaligned { index: open.last });
+            return Err(Error::Unaligned { index: open.last, page_size: run.page_size() });
         }
         run.len = open.mapped;
         self.runs.push(run);
@@ -637,7 +637,7 @@ impl<V: VmaSource + ?Sized> Planner<'_, V> {
         let len = open.mapped.checked_next_multiple_of(run.page_size()).ok_or(Error::TooLarge)?;
         let end = open.src_end.checked_add(len - open.mapped).ok_or(Error::TooLarge)?;
         if end > open.limit {
-            return Err(Error::Unaligned { index: open.last });
+            return Err(Error::Unaligned { index: open.last, page_size: run.page_size() });
         }
         run.len = len;
         run.dst.checked_add(run.len).ok_or(Error::TooLarge)?;
@@ -733,10 +733,10 @@ mod tests {
         let vmas = [shared(0x10000, 0x20000)];
         // Ends mid-page, and the next one is not its continuation.
         let e = run_plan(&[iov(0x10000, 0x800), iov(0x13000, P)], &vmas, &[]).unwrap_err();
-        assert!(matches!(e, Error::Unaligned { index: 0 }), "{e:?}");
+        assert!(matches!(e, Error::Unaligned { index: 0, .. }), "{e:?}");
         // Starts mid-page after an aligned end.
         let e = run_plan(&[iov(0x10000, P), iov(0x13800, 0x800)], &vmas, &[]).unwrap_err();
-        assert!(matches!(e, Error::Unaligned { index: 1 }), "{e:?}");
+        assert!(matches!(e, Error::Unaligned { index: 1, .. }), "{e:?}");
         // A mid-page continuation is no boundary at all.
         let p = run_plan(&[iov(0x10000, 0x800), iov(0x10800, 0x900)], &vmas, &[]).unwrap();
         assert_eq!(p.runs.len(), 1);
@@ -824,7 +824,7 @@ mod tests {
         assert_eq!(p.runs[1].page_size(), H);
         // One 4 KiB page before it does not.
         let e = run_plan(&[iov(0x10000, P), iov(0x4020_0000, H)], &[small, huge], &regions).unwrap_err();
-        assert!(matches!(e, Error::Unaligned { index: 1 }), "{e:?}");
+        assert!(matches!(e, Error::Unaligned { index: 1, .. }), "{e:?}");
         // A huge run may start mid-page: it is mapped from its huge page boundary.
         let p = run_plan(&[iov(0x4020_1000, 0x10)], &[huge], &regions).unwrap();
         assert_eq!((p.lead, p.runs[0].src(), p.runs[0].len()), (0x1000, 0x4020_0000, H));

@@ -87,7 +87,7 @@ fn guest_scatter_lists_map_across_region_boundaries() {
     // piece aligned: refused, naming the crossing entry (index 1 of this list).
     let shifted = [(GuestAddress(0), p), ranges[0]];
     match remapper.map_guest(&mem, &shifted, MapOptions::new()) {
-        Err(Error::Unaligned { index: 1 }) if huge => {}
+        Err(Error::Unaligned { index: 1, .. }) if huge => {}
         Ok(_) if !huge => {} // all 4 KiB pages: nothing to misalign
         other => panic!("{other:?}"),
     }
@@ -124,7 +124,7 @@ fn host_level_errors_name_the_guest_entry_not_the_host_segment() {
         (GuestAddress(0x3000 + 100), p), // starts mid-page after other runs
     ];
     let e = remapper.map_guest(&mem, &ranges, MapOptions::new()).unwrap_err();
-    assert!(matches!(e, Error::Unaligned { index: 2 }), "{e:?}");
+    assert!(matches!(e, Error::Unaligned { index: 2, .. }), "{e:?}");
 }
 
 #[test]

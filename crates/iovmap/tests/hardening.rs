@@ -240,7 +240,7 @@ fn faults_and_errors_of_map_guest() {
             ("empty", vec![(GuestAddress(0), 0)], |e| matches!(e, Error::Empty)),
             // Entry 0 is two host segments: the error names entry 1, not segment 2.
             ("unaligned after a split entry", vec![ranges[0], (GuestAddress(0x3000 + 100), p)], |e| {
-                matches!(e, Error::Unaligned { index: 1 })
+                matches!(e, Error::Unaligned { index: 1, .. })
             }),
             ("longer than guest memory", vec![ranges[1], (GuestAddress(0), usize::MAX)], |e| {
                 matches!(e, Error::NotInGuestMemory { index: 1 })

@@ -289,11 +289,14 @@ fn huge_page_pieces_are_mappable_only_through_udmabuf() {
     // pages only) can place them.
     let list = [ram.iov(3 * kit::HUGE_2M + 5 * page(), page()), ram.iov(kit::HUGE_2M + 9 * page(), page())];
     let remap = r.map_with(&list, MapOptions::new().remap_only()).unwrap_err();
-    assert!(matches!(remap, Error::Unaligned { index: 0 }), "{remap:?}");
+    assert!(matches!(remap, Error::Unaligned { index: 0, page_size } if page_size == kit::HUGE_2M), "{remap:?}");
+    // The message names the huge page size and the way out.
+    let text = remap.to_string();
+    assert!(text.contains("(2 MiB)") && text.contains("MapOptions::kernel_built()"), "{text}");
     match kit::udmabuf() {
         Err(why) => {
             eprintln!("no udmabuf here ({why}): automatic gives the remap error, kernel-built says why");
-            assert!(matches!(r.map(&list), Err(Error::Unaligned { index: 0 })));
+            assert!(matches!(r.map(&list), Err(Error::Unaligned { index: 0, .. })));
             let e = r.map_with(&list, MapOptions::new().kernel_built()).unwrap_err();
             assert!(matches!(e, Error::KernelBuilt { reason: KernelBuiltError::NoDevice, .. }), "{e:?}");
         }

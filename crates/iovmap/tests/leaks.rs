@@ -79,7 +79,7 @@ fn error_paths_leave_nothing_behind() {
     let mut cases: Vec<ErrorCase> = vec![
         ("empty", vec![ram.iov(0, 0)], |e| matches!(e, Error::Empty)),
         ("unaligned", vec![ram.iov(0, page()), ram.iov(5 * page(), 10), ram.iov(9 * page(), page())], |e| {
-            matches!(e, Error::Unaligned { index: 1 })
+            matches!(e, Error::Unaligned { index: 1, .. })
         }),
         ("not mapped", vec![ram.iov(0, page()), dangling], |e| matches!(e, Error::NotMapped { index: 1 })),
         ("private", vec![ram.iov(0, page()), private.iov(0, page())], |e| {
