@@ -3,13 +3,16 @@
 //! ```text
 //! iovmap-vmtest guest --ivshmem <BDF> [--nvme <BDF>] [--stress-secs N] [--threads N] [--builders N]
 //! iovmap-vmtest host-check <ivshmem backing file>
+//! iovmap-vmtest facts [--ivshmem <BDF>]
 //! ```
 //!
 //! `guest` runs inside the VM that `run.sh` boots (it refuses to run where there is no
 //! /dev/vfio/vfio): it uses iovmap on the ivshmem device's BAR2 exactly as a VMM would and
 //! prints one `CHECK` line per check and a `VMTEST:` verdict line. `host-check` runs on the
 //! host after the guest powered off and compares the ivshmem backing file with the image
-//! the guest must have left. See docs/vfio.md.
+//! the guest must have left. `facts` measures what the kernel offers iovmap (holes,
+//! PROCMAP_QUERY, populate, udmabuf, a vfio BAR, mseal: [`iovmap_vmtest::facts`]), for
+//! each row of the kernel matrix (`matrix.sh`). See docs/vfio.md.
 
 mod guest;
 
@@ -22,6 +25,7 @@ use iovmap_vmtest::layout;
 const USAGE: &str = "\
 usage: iovmap-vmtest guest --ivshmem <BDF> [--nvme <BDF>] [--stress-secs N] [--threads N] [--builders N]
        iovmap-vmtest host-check <ivshmem backing file>
+       iovmap-vmtest facts [--ivshmem <BDF>]
 
 `guest` runs inside the VM that crates/iovmap-vmtest/run.sh boots (it needs the ivshmem
 device bound to vfio-pci); `host-check` checks the backing file on the host afterwards.";
@@ -31,6 +35,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("guest") => guest(&args[1..]),
         Some("host-check") => host_check(&args[1..]),
+        Some("facts") => facts(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
@@ -59,6 +64,24 @@ fn host_check(args: &[String]) -> ExitCode {
             }
         },
     }
+}
+
+fn facts(args: &[String]) -> ExitCode {
+    let ivshmem = match args {
+        [] => None,
+        [flag, bdf] if flag == "--ivshmem" => match device::parse_bdf(bdf) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("iovmap-vmtest: {e}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if iovmap_vmtest::facts::report(ivshmem.as_deref()) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 struct Opts {
