@@ -104,6 +104,9 @@ impl Guest {
             for (i, b) in layout::MAGIC.iter().enumerate() {
                 bar.ptr().add(i).write_volatile(*b);
             }
+            for (i, b) in (page() as u32).to_le_bytes().iter().enumerate() {
+                bar.ptr().add(layout::PAGE_AT as usize + i).write_volatile(*b);
+            }
             let f = layout::BAR_FUNC;
             pattern::fill(bar.ptr().add(f.start as usize), (f.end - f.start) as usize, layout::SEED_BAR, f.start);
             let s = layout::BAR_STRESS;

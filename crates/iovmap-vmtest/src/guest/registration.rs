@@ -72,7 +72,7 @@ impl Guest {
     }
 
     pub(super) fn unregister(&self, remapper: &mut Remapper, c: &mut Checks) {
-        let list = &layout::SECOND_LIST;
+        let list = &layout::second_list(page());
         let view = match remapper.map(&self.iov(list)) {
             Ok(v) => v,
             Err(e) => {

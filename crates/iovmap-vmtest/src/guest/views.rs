@@ -88,13 +88,13 @@ impl Guest {
     }
 
     pub(super) fn first_view(&self, remapper: &Remapper, c: &mut Checks) {
-        let list = &layout::RW_LIST;
+        let list = &layout::rw_list(page());
         let e = layout::expect(list);
         let t = Instant::now();
         let view = match remapper.map(&self.iov(list)) {
             Ok(v) => v,
             Err(err) => {
-                c.fail("rw-view", format_args!("map of RW_LIST failed: {err}"));
+                c.fail("rw-view", format_args!("map of rw_list failed: {err}"));
                 return;
             }
         };
@@ -138,7 +138,7 @@ impl Guest {
     }
 
     pub(super) fn later_view(&self, remapper: &Remapper, c: &mut Checks) {
-        let list = &layout::SECOND_LIST;
+        let list = &layout::second_list(page());
         let t = Instant::now();
         let res = remapper.map(&self.iov(list));
         let took = t.elapsed();
@@ -156,7 +156,7 @@ impl Guest {
     }
 
     pub(super) fn read_only_view(&self, remapper: &Remapper, c: &mut Checks) {
-        let list = &layout::RO_LIST;
+        let list = &layout::ro_list(page());
         let opts = MapOptions { access: Access::ReadOnly, populate: true };
         let view = match remapper.map_with(&self.iov(list), &opts) {
             Ok(v) => v,
