@@ -320,9 +320,17 @@ fn io_uring_ring_has_no_way_in() {
     let list = [ring.map.iov(0, page())];
     let e = iovmap::map(&list).unwrap_err();
     assert!(matches!(e, Error::NoFallback { index: 0, .. }), "{e:?}");
-    // Registered, its fd refuses MAP_FIXED: still no fallback, and the error says so.
     let mut r = Remapper::new();
     r.register(ring.map.ptr(), ring.map.len(), ring.fd(), 0).unwrap();
+    if !ring.refuses_map_fixed() {
+        // Linux 5.10 maps the ring fd with MAP_FIXED: registered, the ring has a way in.
+        let view = r.map(&list).unwrap();
+        assert_eq!(view.stats().fd_mapped, 1);
+        assert_view_matches(&view, &list);
+        eprintln!("SKIP part: NoFallback of a registered ring: this kernel's io_uring fd accepts MAP_FIXED");
+        return;
+    }
+    // Registered, its fd refuses MAP_FIXED: still no fallback, and the error says so.
     let e = r.map(&list).unwrap_err();
     match &e {
         Error::NoFallback { index: 0, source } => assert_eq!(source.raw_os_error(), Some(libc::EINVAL)),
@@ -381,7 +389,15 @@ fn write_sealed_memfd_refuses_a_writable_view() {
     // Seal first: a shared mapping that could become writable would make the seal fail.
     // SAFETY: fcntl on a live fd.
     assert_eq!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) }, 0);
-    let map = Mapping::new(4 * page(), libc::PROT_READ, libc::MAP_SHARED, Some(file.as_fd()), 0).unwrap();
+    let map = match Mapping::new(4 * page(), libc::PROT_READ, libc::MAP_SHARED, Some(file.as_fd()), 0) {
+        Ok(m) => m,
+        // Linux 5.10 counts every shared mapping of the file as writable (the check moved
+        // after the VMA's flags are known in 6.7): no mapping to build a view of.
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            skip!("this kernel refuses even a read-only shared mapping of a write-sealed memfd: {e}")
+        }
+        Err(e) => panic!("mmap of the sealed memfd: {e}"),
+    };
     let mut r = Remapper::new();
     r.register(map.ptr(), map.len(), file.as_fd(), 0).unwrap();
     let e = r.map(&[map.iov(0, page())]).unwrap_err();
