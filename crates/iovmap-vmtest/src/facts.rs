@@ -111,25 +111,39 @@ pub fn holes() -> Fact {
 fn refused_clone_unmaps_dst() -> io::Result<(bool, String)> {
     let p = page();
     let src = Mapping::anon_private(p)?;
-    let res = Mapping::new(3 * p, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None, 0)?;
-    let dst = res.ptr().wrapping_add(p);
+    // SAFETY: a fresh PROT_NONE reservation, replacing nothing.
+    let res = unsafe {
+        libc::mmap(std::ptr::null_mut(), 3 * p, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    if res == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let dst = res as usize + p;
     // SAFETY: `dst` is the middle page of our own reservation: whatever the kernel does
-    // there (refuse, or unmap then refuse), it does to our range; nothing else runs here.
+    // there (refuse, or unmap then refuse), it does to our range.
     let r = unsafe {
-        libc::mremap(src.ptr().cast(), 0, p, libc::MREMAP_FIXED | libc::MREMAP_MAYMOVE, dst.cast::<libc::c_void>())
+        libc::mremap(src.ptr().cast(), 0, p, libc::MREMAP_FIXED | libc::MREMAP_MAYMOVE, dst as *mut libc::c_void)
     };
     let err = io::Error::last_os_error();
+    let hole = r == libc::MAP_FAILED && mem::has_unmapped_page(dst, p);
+    // SAFETY: the outer pages are ours; the middle one too unless the kernel unmapped it,
+    // in which case another thread may have mapped something there since (a test
+    // process has threads): it is left alone.
+    unsafe {
+        libc::munmap(res, p);
+        libc::munmap((dst + p) as *mut libc::c_void, p);
+        if !hole {
+            libc::munmap(dst as *mut libc::c_void, p);
+        }
+    }
     if r != libc::MAP_FAILED {
         return Err(io::Error::other("the kernel cloned private memory"));
     }
-    let hole = mem::has_unmapped_page(dst as usize, p);
     let how = format!(
         "mremap(private, 0, page, MREMAP_FIXED|MREMAP_MAYMOVE, dst) = {}; dst afterwards {}",
         errno_name(err.raw_os_error()),
         if hole { "unmapped" } else { "still reserved" }
     );
-    // `res` unmaps all 3 pages on drop, the hole included (single-threaded: nothing can
-    // have taken it).
     Ok((hole, how))
 }
 
