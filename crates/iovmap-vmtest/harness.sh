@@ -1,7 +1,7 @@
 # The guest VM harness: everything matrix.sh (and so run.sh, one row of it) does to put
 # a Debian kernel under QEMU with a vfio-pci device and judge what the guest printed.
-# Sourced, not run. The caller sets -euo pipefail, ROOT (the clone), W (its scratch
-# directory under target/) and sources debian-packages.sh first.
+# Sourced, not run. The caller sets -euo pipefail, HERE (this directory), ROOT (the
+# clone), W (its scratch directory under target/) and sources debian-packages.sh first.
 #
 # A function that fails sets VM_WHY to why and returns 1.
 #
@@ -159,11 +159,16 @@ vm_build() {
     env "${env[@]}" timeout -k 10 "$VM_BUILD_TIMEOUT" nice cargo test -q --manifest-path "$ROOT/Cargo.toml" --release \
       "${pkgs[@]}" --no-run --target "$triple" --message-format=json >"$json" \
       || { VM_WHY="cargo test --no-run for $triple failed or timed out (${VM_BUILD_TIMEOUT}s)"; return 1; }
-    # Test binaries only (not the doctest-less bin targets' test harnesses of other crates).
-    grep '"profile":{[^}]*"test":true' "$json" | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | sort -u >"$out/suite.all"
+    # "<name>\t<path>" per test binary, named after its target (`views`, the crate's lib
+    # `iovmap_testkit`, a bin's tests `iovmap-vmtest-bin`): two binaries never share a name.
+    grep '"profile":{[^}]*"test":true' "$json" \
+      | sed -n 's/.*"target":{"kind":\["\([^"]*\)"\][^}]*"name":"\([^"]*\)".*"executable":"\([^"]*\)".*/\2\t\1\t\3/p' \
+      | awk -F'\t' '{ n = $1; if ($2 == "bin") n = n "-bin"; print n "\t" $3 }' | sort -u >"$out/suite.all"
+    [ "$(cut -f1 "$out/suite.all" | sort | uniq -d | wc -l)" = 0 ] \
+      || { VM_WHY="two test binaries share a name: $(cut -f1 "$out/suite.all" | sort | uniq -d | tr '\n' ' ')"; return 1; }
     if [ -n "$VM_SUITE_ONLY" ]; then
-      while IFS= read -r b; do
-        case " $VM_SUITE_ONLY " in *" $(vm_test_name "$b") "*) echo "$b" ;; esac
+      while IFS=$'\t' read -r m b; do
+        case " $VM_SUITE_ONLY " in *" $m "*) printf '%s\t%s\n' "$m" "$b" ;; esac
       done <"$out/suite.all" >"$out/suite"
       [ -s "$out/suite" ] || { VM_WHY="VMTEST_SUITE_ONLY='$VM_SUITE_ONLY' names none of the test binaries"; return 1; }
     else
@@ -178,12 +183,8 @@ vm_build() {
       *"statically linked"* | *"static-pie linked"*) ;;
       *) VM_WHY="$b is not statically linked: $kind"; return 1 ;;
     esac
-  done < <(cat "$out/bins" "$out/suite")
+  done < <(cat "$out/bins"; cut -f2 "$out/suite")
 }
-
-# A test binary's name without cargo's hash: views-0123abcd -> views; the lib tests of a
-# crate are named after the crate (iovmap_testkit).
-vm_test_name() { basename "$1" | sed 's/-[0-9a-f]\{16\}$//'; }
 
 # -------------------------------------------------------------------------- kernel
 vm_kernel() {
@@ -254,20 +255,25 @@ vm_initramfs() {
   mkdir -p "$r"/{bin,dev,proc,sys,tmp,lib/modules,suite}
   deb=$(deb_fetch "$VM_BUSYBOX_SUITE" busybox-static "$ROW_DEBARCH") || { VM_WHY="cannot fetch busybox-static ($ROW_DEBARCH)"; return 1; }
   deb_unpack "$deb" "$IOVMAP_CACHE/busybox-$ROW_DEBARCH" || { VM_WHY="cannot unpack $deb"; return 1; }
-  cp "$IOVMAP_CACHE/busybox-$ROW_DEBARCH/bin/busybox" "$r/bin/busybox"
+  # /bin/busybox, or /usr/bin/busybox in a merged-/usr package.
+  f=$(find "$IOVMAP_CACHE/busybox-$ROW_DEBARCH" -type f -path '*bin/busybox' | head -1)
+  [ -n "$f" ] && cp "$f" "$r/bin/busybox" || { VM_WHY="no bin/busybox in $deb"; return 1; }
   # The applet list of a foreign-arch busybox cannot be asked for: link the ones /init uses.
   for m in sh cat cut echo ls mount mkdir poweroff readlink basename sed sync uname find tr insmod sleep grep head; do
     ln -sf busybox "$r/bin/$m"
   done
   ln -s bin "$r/sbin"
+  # Each copy checked: a function called in an `||` list runs without set -e.
   bins=$W/build-$ROW_ARCH/bins suite=$W/build-$ROW_ARCH/suite
-  cp "$(sed -n 1p "$bins")" "$r/bin/iovmap-vmtest"
-  cp "$(sed -n 2p "$bins")" "$r/bin/vfio_passthrough"
-  while IFS= read -r f; do cp "$f" "$r/suite/$(vm_test_name "$f")"; done <"$suite"
+  cp "$(sed -n 1p "$bins")" "$r/bin/iovmap-vmtest" && cp "$(sed -n 2p "$bins")" "$r/bin/vfio_passthrough" \
+    || { VM_WHY="cannot copy the guest programs of $bins"; return 1; }
+  while IFS=$'\t' read -r m f; do
+    cp "$f" "$r/suite/$m" || { VM_WHY="cannot copy test binary $f"; return 1; }
+  done <"$suite"
   # The fuzz targets' replay tests read the corpora at the path they were built at.
-  if grep -q '/replay' "$suite"; then
+  if grep -q '^replay' "$suite"; then
     mkdir -p "$r$ROOT/fuzz" "$r$ROOT/crates/iovmap-fuzz-targets"
-    cp -r "$ROOT/fuzz/corpus" "$ROOT/fuzz/regressions" "$r$ROOT/fuzz/"
+    cp -r "$ROOT/fuzz/corpus" "$ROOT/fuzz/regressions" "$r$ROOT/fuzz/" || { VM_WHY="cannot copy the fuzz corpora"; return 1; }
   fi
 
   VM_MOD_INDEX=$dir/modules.index
@@ -286,11 +292,10 @@ vm_initramfs() {
       *.ko.zst) zstd -qdc "$f" >"$r/lib/modules/$m.ko" ;;
       *.ko.gz) gzip -dc "$f" >"$r/lib/modules/$m.ko" ;;
       *) cp "$f" "$r/lib/modules/$m.ko" ;;
-    esac
+    esac || { VM_WHY="cannot unpack module $f"; return 1; }
     echo "$m" >>"$r/lib/modules/order"
   done
-  cp "$HERE/guest-init.sh" "$r/init"
-  chmod +x "$r/init"
+  cp "$HERE/guest-init.sh" "$r/init" && chmod +x "$r/init" || { VM_WHY="cannot install /init"; return 1; }
   # Uncompressed: the kernel unpacks it without decompressing (slow under TCG).
   (cd "$r" && find . | cpio -o -H newc --quiet >"$dir/initramfs.cpio") || { VM_WHY="cpio failed"; return 1; }
   vm_say "$row: initramfs $(($(stat -c %s "$dir/initramfs.cpio") >> 20)) MiB, modules $(tr '\n' ' ' <"$r/lib/modules/order")"
@@ -379,8 +384,7 @@ vm_verdict() {
   fi
   grep -aq 'INIT: done' "$log" 2>/dev/null || VM_PROBLEMS+=("the guest did not finish (QEMU exit $(cat "$dir/qemu.rc" 2>/dev/null))")
   if [ "$VM_SUITE" = 1 ]; then
-    while IFS= read -r f; do
-      name=$(vm_test_name "$f")
+    while IFS=$'\t' read -r name f; do
       grep -aq "^SUITE: $name exit 0 " "$log" 2>/dev/null || VM_PROBLEMS+=("$name tests failed in the guest (SUITE[$name] lines)")
     done <"$W/build-$ROW_ARCH/suite"
   fi
