@@ -101,6 +101,14 @@ deb_unpack() {
 deb_kernel() {
   local suite=$1 arch=$2 flavour=$3
   deb_apt "$suite" || return 1
+  # What was found last time, while the suite's lists are unchanged: every apt-cache
+  # call re-reads the lists (seconds each), and a kernel takes a dozen of them.
+  local memo="$IOVMAP_CACHE/kernels/${suite}_${arch}_${flavour}.env"
+  if [ -s "$memo" ] && [ "$memo" -nt "$IOVMAP_CACHE/apt/$suite/updated" ]; then
+    # shellcheck disable=SC1090
+    . "$memo"
+    [ -s "$DEB_KERNEL_IMAGE" ] && return 0
+  fi
   local image
   image=$(apt-cache "${DEB_APT[@]}" depends "linux-image-$flavour:$arch" 2>/dev/null \
     | sed -n 's/^ *Depends: \(linux-image-[0-9][^ :]*\).*/\1/p' | head -1)
@@ -123,6 +131,8 @@ deb_kernel() {
   DEB_KERNEL_CONFIG=$(find "$DEB_KERNEL_DIR" -name "config-$DEB_KERNEL_RELEASE" | head -1)
   [ -n "$DEB_KERNEL_CONFIG" ] || DEB_KERNEL_CONFIG=${DEB_KERNEL_MODULES:+$DEB_KERNEL_MODULES/config}
   [ -n "$DEB_KERNEL_IMAGE" ] || { deb_log "no vmlinuz in ${parts[*]}"; return 1; }
+  declare -p DEB_KERNEL_RELEASE DEB_KERNEL_VERSION DEB_KERNEL_DIR DEB_KERNEL_IMAGE DEB_KERNEL_CONFIG \
+    DEB_KERNEL_MODULES 2>/dev/null | sed 's/^declare -- /declare -g /' >"$memo.$$" && mv "$memo.$$" "$memo"
   return 0
 }
 

@@ -22,7 +22,7 @@
 //! ```
 //! use std::ptr;
 //! use iovmap_capi::*;
-//! let page = 4096;
+//! let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
 //! // Shared memory of 4 pages stands in for guest RAM.
 //! let ram = unsafe {
 //!     libc::mmap(ptr::null_mut(), 4 * page, libc::PROT_READ | libc::PROT_WRITE,

@@ -108,7 +108,10 @@ unsafe impl Sync for World {}
 // SAFETY: as above.
 unsafe impl Send for World {}
 
-const P: usize = 4096;
+/// The base page of this kernel (16 KiB on arm64-16k): the world is laid out in pages.
+fn p() -> usize {
+    kit::page()
+}
 const HUGE: usize = kit::HUGE_2M;
 
 fn map_fixed(at: usize, len: usize, prot: i32, flags: i32, fd: Option<BorrowedFd<'_>>, offset: u64) {
@@ -188,9 +191,9 @@ impl World {
         let huge = GuestRam::huge(2 * HUGE).map_err(|e| missing.push(format!("hugetlb: {e}"))).ok();
 
         let a = kit::memfd("fuzz-view-a", 0).unwrap();
-        fill_file(&a, 80 * P, 1);
+        fill_file(&a, 80 * p(), 1);
         let b = kit::memfd("fuzz-view-b", 0).unwrap();
-        fill_file(&b, 32 * P, 2);
+        fill_file(&b, 32 * p(), 2);
         if let Some(h) = &huge {
             h.fill(3);
         }
@@ -201,28 +204,29 @@ impl World {
         if let Some(r) = &ring {
             // The control page from offset 512 on is the user's (the kernel leaves it alone).
             // SAFETY: page 0 of the ring is writable.
-            unsafe { kit::fill(r.map.ptr().add(512), P - 512, 5, 512) };
+            unsafe { kit::fill(r.map.ptr().add(512), p() - 512, 5, 512) };
         }
 
         // Lay out the arena.
-        let mut layout: Vec<(&'static str, Kind, usize)> = vec![("A", Kind::Memfd, 64 * P), ("B", Kind::Memfd, 32 * P)];
-        layout.push(("guard", Kind::Guard, P));
-        layout.push(("A'", Kind::Memfd, 32 * P));
-        layout.push(("guard", Kind::Guard, P));
-        layout.push(("S", Kind::SharedAnon, 16 * P));
+        let mut layout: Vec<(&'static str, Kind, usize)> =
+            vec![("A", Kind::Memfd, 64 * p()), ("B", Kind::Memfd, 32 * p())];
+        layout.push(("guard", Kind::Guard, p()));
+        layout.push(("A'", Kind::Memfd, 32 * p()));
+        layout.push(("guard", Kind::Guard, p()));
+        layout.push(("S", Kind::SharedAnon, 16 * p()));
         if ring.is_some() {
-            layout.push(("guard", Kind::Guard, P));
-            layout.push(("R", Kind::Perf, 3 * P));
+            layout.push(("guard", Kind::Guard, p()));
+            layout.push(("R", Kind::Perf, 3 * p()));
         }
         if bpf.is_some() {
-            layout.push(("guard", Kind::Guard, P));
-            layout.push(("Q", Kind::Bpf, 16 * P));
+            layout.push(("guard", Kind::Guard, p()));
+            layout.push(("Q", Kind::Bpf, 16 * p()));
         }
-        layout.push(("guard", Kind::Guard, P));
-        layout.push(("X", Kind::Private, 4 * P));
-        layout.push(("guard", Kind::Guard, P));
+        layout.push(("guard", Kind::Guard, p()));
+        layout.push(("X", Kind::Private, 4 * p()));
+        layout.push(("guard", Kind::Guard, p()));
         let body: usize = layout.iter().map(|l| l.2).sum();
-        let len = (P + body).next_multiple_of(HUGE) + 2 * HUGE + P;
+        let len = (p() + body).next_multiple_of(HUGE) + 2 * HUGE + p();
         // SAFETY: a fresh PROT_NONE reservation where the kernel chooses.
         let raw = unsafe {
             libc::mmap(
@@ -239,7 +243,7 @@ impl World {
         let base = (raw as usize).next_multiple_of(HUGE);
         let rw = libc::PROT_READ | libc::PROT_WRITE;
         let mut fixtures = Vec::new();
-        let mut at = base + P; // a guard first
+        let mut at = base + p(); // a guard first
         let mut files = vec![a, b];
         for &(name, kind, n) in &layout {
             let fd = match name {
@@ -249,7 +253,7 @@ impl World {
                 "Q" => bpf.as_ref().map(|q| q.fd()),
                 _ => None,
             };
-            let offset = if name == "A'" { 48 * P as u64 } else { 0 };
+            let offset = if name == "A'" { 48 * p() as u64 } else { 0 };
             match kind {
                 Kind::Guard => {}
                 Kind::SharedAnon => map_fixed(at, n, rw, libc::MAP_SHARED | libc::MAP_ANONYMOUS, None, 0),
@@ -281,7 +285,7 @@ impl World {
         let a = fixtures.iter().find(|f| f.name == "A").unwrap();
         // Split A into three VMAs: its pages 24..32 read-only.
         // SAFETY: pages of A, which this module mapped.
-        assert_eq!(unsafe { libc::mprotect((a.start + 24 * P) as *mut libc::c_void, 8 * P, libc::PROT_READ) }, 0);
+        assert_eq!(unsafe { libc::mprotect((a.start + 24 * p()) as *mut libc::c_void, 8 * p(), libc::PROT_READ) }, 0);
 
         // The model's table: what the kernel reports, each VMA given its fixture's kind
         // and page size, checked against the plan above.
@@ -297,7 +301,7 @@ impl World {
                 "a VMA [{s:#x}, {e:#x}) straddles a fixture boundary"
             );
             assert_eq!(shared, !matches!(kind, Kind::Guard | Kind::Private), "[{s:#x}, {e:#x}) {kind:?}");
-            let page_size = if kind == Kind::Huge { HUGE } else { P };
+            let page_size = if kind == Kind::Huge { HUGE } else { p() };
             vmas.push(Vma { start: s, end: e, prot, shared, page_size, offset, file });
             kinds.push(kind);
         }
@@ -312,7 +316,7 @@ impl World {
         // What every fresh remapper registers.
         let mut registrations = vec![
             Registration::Plain { fixture: 0, fd: 0, offset: 0 },
-            Registration::Plain { fixture: 2, fd: 0, offset: 48 * P as u64 },
+            Registration::Plain { fixture: 2, fd: 0, offset: 48 * p() as u64 },
         ];
         let idx = |name: &str| fixtures.iter().position(|f| f.name == name);
         let ring_fd = ring.as_ref().map(|r| {
@@ -330,9 +334,9 @@ impl World {
             let info = VfioRegionInfo {
                 index: 0,
                 flags: VFIO_REGION_INFO_FLAG_MMAP,
-                size: 16 * P as u64,
+                size: 16 * p() as u64,
                 offset: 0,
-                sparse_areas: Some(vec![(0, 6 * P as u64), (8 * P as u64, 8 * P as u64)]),
+                sparse_areas: Some(vec![(0, 6 * p() as u64), (8 * p() as u64, 8 * p() as u64)]),
             };
             registrations.push(Registration::Vfio { fixture, fd, info });
         }
@@ -375,7 +379,7 @@ impl World {
             match reg {
                 Registration::Plain { fixture, fd, offset } => {
                     let f = self.fixtures[*fixture];
-                    let page_size = if f.kind == Kind::Huge { HUGE } else { P };
+                    let page_size = if f.kind == Kind::Huge { HUGE } else { p() };
                     let file = file_id(self.files[*fd].as_fd());
                     spans.push(self.seen(RegionSpan {
                         start: f.start,
@@ -398,7 +402,7 @@ impl World {
                             end: f.start + (off + len) as usize,
                             offset: info.offset + off,
                             file,
-                            page_size: P,
+                            page_size: p(),
                             ..RegionSpan::default()
                         });
                         if off > cursor {

@@ -1,7 +1,7 @@
 //! Kernel objects whose mappings refuse the clone: the stand-ins for device memory.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use crate::{Mapping, Unavailable, page};
 
@@ -72,12 +72,23 @@ impl BpfArray {
         attr[2] = 8;
         attr[3] = u32::try_from(pages * page() / 8).map_err(|_| Unavailable("array too large".into()))?;
         attr[4] = 1 << 10; // BPF_F_MMAPABLE
-        // SAFETY: `attr` is a zero-padded bpf_attr of the size passed.
-        let fd = unsafe {
-            libc::syscall(libc::SYS_bpf, 0 /* BPF_MAP_CREATE */, attr.as_ptr(), std::mem::size_of_val(&attr))
+        let create = || {
+            // SAFETY: `attr` is a zero-padded bpf_attr of the size passed.
+            owned(unsafe {
+                libc::syscall(libc::SYS_bpf, 0 /* BPF_MAP_CREATE */, attr.as_ptr(), std::mem::size_of_val(&attr))
+            })
         };
-        let fd = owned(fd)
-            .map_err(|e| Unavailable(format!("bpf(BPF_MAP_CREATE, BPF_F_MMAPABLE) failed: {e} (needs CAP_BPF)")))?;
+        // Before Linux 5.11, BPF maps are charged to RLIMIT_MEMLOCK (EPERM past it, as root
+        // too): raise it as libbpf does, and try again.
+        let fd = create().or_else(|e| match e.raw_os_error() {
+            Some(libc::EPERM) if raise_memlock() => create(),
+            _ => Err(e),
+        });
+        let fd = fd.map_err(|e| {
+            Unavailable(format!(
+                "bpf(BPF_MAP_CREATE, BPF_F_MMAPABLE) failed: {e} (needs CAP_BPF, and RLIMIT_MEMLOCK before 5.11)"
+            ))
+        })?;
         let map =
             Mapping::new(pages * page(), libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(fd.as_fd()), 0)
                 .map_err(|e| Unavailable(format!("mmap of a BPF array failed: {e}")))?;
@@ -121,4 +132,34 @@ impl IoUringSq {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+
+    /// Whether the ring fd refuses a MAP_FIXED mapping (EINVAL), as Linux 6.1 and later
+    /// do; 5.10 accepts it, and a view can then be mapped from the fd. Measured by
+    /// mapping the ring into a reservation of our own.
+    pub fn refuses_map_fixed(&self) -> bool {
+        let len = self.map.len();
+        let Ok(res) = Mapping::new(len, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None, 0) else {
+            return true;
+        };
+        // SAFETY: MAP_FIXED over our own reservation, which `res` unmaps on drop whatever
+        // is placed there.
+        let p = unsafe {
+            libc::mmap(
+                res.ptr().cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                self.fd.as_raw_fd(),
+                0,
+            )
+        };
+        p == libc::MAP_FAILED
+    }
+}
+
+/// Raises RLIMIT_MEMLOCK to unlimited (root only); whether it could.
+fn raise_memlock() -> bool {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit reads a valid struct rlimit.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) == 0 }
 }

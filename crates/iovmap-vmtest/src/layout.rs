@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use crate::mem::page;
 use crate::pattern;
 
 /// The size run.sh gives the ivshmem BAR (its host backing file).
@@ -58,8 +59,6 @@ pub struct Piece {
     pub len: usize,
 }
 
-const P: usize = 0x1000;
-
 const fn bar(off: usize, len: usize) -> Piece {
     Piece { src: Src::Bar, off, len }
 }
@@ -68,36 +67,47 @@ const fn ram(off: usize, len: usize) -> Piece {
     Piece { src: Src::Ram, off, len }
 }
 
-/// The first read-write view: starts mid-page in the BAR, ends mid-page in RAM; BAR
-/// pieces out of order, two adjacent BAR pieces (one run), RAM between them. Its BAR
-/// bytes end up written through the view ([`SEED_VIA_VIEW`]).
-pub const RW_LIST: [Piece; 9] = [
-    bar(0x1_0123, 4 * P - 0x123),
-    ram(0x20_0000, 2 * P),
-    bar(0x4_0000, P),
-    bar(0x4_1000, 2 * P),
-    ram(0x10_0000, 3 * P),
-    bar(0x8_0000, P),
-    ram(0x30_0000, P),
-    bar(0x7_f000, P),
-    ram(0x40_0000, 0x800),
-];
+/// Where the guest writes its page size (u32, little endian) into the header page, so
+/// that `host-check` (on a host whose pages may differ) builds the same lists.
+pub const PAGE_AT: u64 = 20;
+
+/// The first read-write view, for pages of `p` bytes: starts mid-page in the BAR, ends
+/// mid-page in RAM; BAR pieces out of order, two adjacent BAR pieces (one run), RAM
+/// between them. Its BAR bytes end up written through the view ([`SEED_VIA_VIEW`]). The
+/// lists of this module put their pieces at anchors 1 MiB apart (or 64 KiB, for the
+/// first), so that the pieces of one list never share a page with pages up to 64 KiB.
+pub fn rw_list(p: usize) -> Vec<Piece> {
+    vec![
+        bar(0x1_0000 + 0x123, 4 * p - 0x123),
+        ram(0x20_0000, 2 * p),
+        bar(0x10_0000, p),
+        bar(0x10_0000 + p, 2 * p),
+        ram(0x10_0000, 3 * p),
+        bar(0x20_0000, p),
+        ram(0x30_0000, p),
+        bar(0x20_0000 - p, p),
+        ram(0x40_0000, p / 2),
+    ]
+}
 
 /// A later view of the same Remapper (the BAR's refusal is known by then). Its BAR bytes
 /// end up written through the view after the region is unregistered.
-pub const SECOND_LIST: [Piece; 6] = [
-    ram(0x50_0000, 2 * P),
-    bar(0x10_0000, 8 * P),
-    ram(0x51_0000, P),
-    bar(0x20_0000, P),
-    bar(0x30_0000, 3 * P),
-    ram(0x52_0000, P),
-];
+pub fn second_list(p: usize) -> Vec<Piece> {
+    vec![
+        ram(0x50_0000, 2 * p),
+        bar(0x30_0000, 8 * p),
+        ram(0x58_0000, p),
+        bar(0x40_0000, p),
+        bar(0x50_0000, 3 * p),
+        ram(0x5c_0000, p),
+    ]
+}
 
 /// The read-only view. Its BAR bytes end up written through the BAR mapping
 /// ([`SEED_VIA_SOURCE`]) while the view is live.
-pub const RO_LIST: [Piece; 5] =
-    [bar(0x60_0000, 2 * P), ram(0x60_0000, P), bar(0x61_0000, P), bar(0x62_0000, 4 * P), ram(0x61_0000, 2 * P)];
+pub fn ro_list(p: usize) -> Vec<Piece> {
+    vec![bar(0x60_0000, 2 * p), ram(0x60_0000, p), bar(0x68_0000, p), bar(0x70_0000, 4 * p), ram(0x68_0000, 2 * p)]
+}
 
 /// The iovecs of `list` over the BAR mapped at `bar` and the RAM mapped at `ram`.
 pub fn iovecs(list: &[Piece], bar: *mut u8, ram: *mut u8) -> Vec<libc::iovec> {
@@ -126,8 +136,8 @@ pub struct Expect {
 /// The runs iovmap makes of `list` (each source is one mapping).
 ///
 /// ```
-/// use iovmap_vmtest::layout::{expect, Expect, RW_LIST};
-/// assert_eq!(expect(&RW_LIST), Expect { segments: 9, runs: 8, bar_runs: 4, ram_runs: 4 });
+/// use iovmap_vmtest::layout::{expect, rw_list, Expect};
+/// assert_eq!(expect(&rw_list(4096)), Expect { segments: 9, runs: 8, bar_runs: 4, ram_runs: 4 });
 /// ```
 pub fn expect(list: &[Piece]) -> Expect {
     let mut e = Expect::default();
@@ -174,14 +184,15 @@ pub use iovmap_testkit::workloads::Rng;
 /// ```
 pub fn fragmented_list(n: usize, seed: u64) -> Vec<Piece> {
     let mut rng = Rng::new(seed);
-    let bar_pages = ((BAR_FUNC.end - BAR_FUNC.start) as usize) / P;
-    let ram_pages = (RAM_FUNC.end - RAM_FUNC.start) / P;
+    let p = page();
+    let bar_pages = ((BAR_FUNC.end - BAR_FUNC.start) as usize) / p;
+    let ram_pages = (RAM_FUNC.end - RAM_FUNC.start) / p;
     (0..n)
         .map(|i| {
             if i % 2 == 0 {
-                bar(BAR_FUNC.start as usize + rng.below(bar_pages) * P, P)
+                bar(BAR_FUNC.start as usize + rng.below(bar_pages) * p, p)
             } else {
-                ram(RAM_FUNC.start + rng.below(ram_pages) * P, P)
+                ram(RAM_FUNC.start + rng.below(ram_pages) * p, p)
             }
         })
         .collect()
@@ -194,16 +205,17 @@ pub fn fragmented_list(n: usize, seed: u64) -> Vec<Piece> {
 pub fn stress_list(rng: &mut Rng, ram_first: bool) -> Vec<Piece> {
     let n = 2 + rng.below(5);
     let must_bar = if ram_first { 1 } else { rng.below(n) };
+    let p = page();
     (0..n)
         .map(|i| {
             let pages = 1 + rng.below(4);
             let from_bar = if ram_first && i == 0 { false } else { i == must_bar || rng.below(2) == 0 };
             if from_bar {
-                let span = (BAR_STRESS.end - BAR_STRESS.start) as usize / P - pages;
-                bar(BAR_STRESS.start as usize + rng.below(span) * P, pages * P)
+                let span = (BAR_STRESS.end - BAR_STRESS.start) as usize / p - pages;
+                bar(BAR_STRESS.start as usize + rng.below(span) * p, pages * p)
             } else {
-                let span = (RAM_STRESS.end - RAM_STRESS.start) / P - pages;
-                ram(RAM_STRESS.start + rng.below(span) * P, pages * P)
+                let span = (RAM_STRESS.end - RAM_STRESS.start) / p - pages;
+                ram(RAM_STRESS.start + rng.below(span) * p, pages * p)
             }
         })
         .collect()
@@ -213,14 +225,16 @@ fn in_list(list: &[Piece], off: u64) -> bool {
     list.iter().any(|p| p.src == Src::Bar && (p.off as u64..(p.off + p.len) as u64).contains(&off))
 }
 
-/// The byte the BAR must hold at `off` when the guest test is done (the verdict bytes
-/// aside: see [`VERDICT_AT`]).
-pub fn final_bar_byte(off: u64) -> u8 {
+/// The byte the BAR must hold at `off` when a guest with pages of `p` bytes is done (the
+/// verdict bytes aside: see [`VERDICT_AT`]).
+pub fn final_bar_byte(off: u64, p: usize) -> u8 {
     if off < MAGIC.len() as u64 {
         MAGIC[off as usize]
-    } else if in_list(&RW_LIST, off) || in_list(&SECOND_LIST, off) {
+    } else if (PAGE_AT..PAGE_AT + 4).contains(&off) {
+        (p as u32).to_le_bytes()[(off - PAGE_AT) as usize]
+    } else if in_list(&rw_list(p), off) || in_list(&second_list(p), off) {
         pattern::byte(SEED_VIA_VIEW, off)
-    } else if in_list(&RO_LIST, off) {
+    } else if in_list(&ro_list(p), off) {
         pattern::byte(SEED_VIA_SOURCE, off)
     } else if BAR_FUNC.contains(&off) {
         pattern::byte(SEED_BAR, off)
@@ -233,7 +247,7 @@ pub fn final_bar_byte(off: u64) -> u8 {
 
 /// The image [`final_bar_byte`] describes, `len` bytes long (verdict bytes zero), built
 /// piece by piece.
-pub fn expected_image(len: usize) -> Vec<u8> {
+pub fn expected_image(len: usize, p: usize) -> Vec<u8> {
     let mut img = vec![0u8; len];
     let fill = |img: &mut Vec<u8>, range: Range<u64>, seed: u64| {
         let (s, e) = (range.start as usize, (range.end as usize).min(img.len()));
@@ -244,21 +258,24 @@ pub fn expected_image(len: usize) -> Vec<u8> {
     };
     let n = MAGIC.len().min(len);
     img[..n].copy_from_slice(&MAGIC[..n]);
+    if len >= PAGE_AT as usize + 4 {
+        img[PAGE_AT as usize..PAGE_AT as usize + 4].copy_from_slice(&(p as u32).to_le_bytes());
+    }
     fill(&mut img, BAR_FUNC, SEED_BAR);
     fill(&mut img, BAR_STRESS, SEED_BAR_STRESS);
-    let bar_pieces = |list: &'static [Piece]| list.iter().filter(|p| p.src == Src::Bar);
-    for p in bar_pieces(&RO_LIST) {
-        fill(&mut img, p.off as u64..(p.off + p.len) as u64, SEED_VIA_SOURCE);
+    let bar_pieces = |list: Vec<Piece>| list.into_iter().filter(|p| p.src == Src::Bar);
+    for q in bar_pieces(ro_list(p)) {
+        fill(&mut img, q.off as u64..(q.off + q.len) as u64, SEED_VIA_SOURCE);
     }
-    for p in bar_pieces(&RW_LIST).chain(bar_pieces(&SECOND_LIST)) {
-        fill(&mut img, p.off as u64..(p.off + p.len) as u64, SEED_VIA_VIEW);
+    for q in bar_pieces(rw_list(p)).chain(bar_pieces(second_list(p))) {
+        fill(&mut img, q.off as u64..(q.off + q.len) as u64, SEED_VIA_VIEW);
     }
     img
 }
 
 /// Compares a BAR image (the backing file after the guest ran, or the BAR itself) with
-/// [`expected_image`], and checks the verdict bytes say `PASS`. Returns a summary, or
-/// what differs.
+/// [`expected_image`] for the page size the guest wrote at [`PAGE_AT`], and checks the
+/// verdict bytes say `PASS`. Returns a summary, or what differs.
 ///
 /// # Errors
 /// A description of the first difference in each part of the layout and how many bytes
@@ -275,7 +292,12 @@ pub fn check_image(image: &[u8]) -> Result<String, String> {
             String::from_utf8_lossy(&image[verdict.clone()])
         ));
     }
-    let mut want = expected_image(image.len());
+    let p = u32::from_le_bytes(image[PAGE_AT as usize..PAGE_AT as usize + 4].try_into().expect("4 bytes")) as usize;
+    if !p.is_power_of_two() || !(0x1000..=0x1_0000).contains(&p) {
+        problems.push(format!("page size at {PAGE_AT:#x} is {p:#x}, not a page size from 4 KiB to 64 KiB"));
+        return Err(problems.join("; "));
+    }
+    let mut want = expected_image(image.len(), p);
     want[verdict.clone()].copy_from_slice(&image[verdict]);
     let parts: [(&str, Range<u64>); 4] = [
         ("header page", 0..BAR_FUNC.start),
@@ -298,7 +320,11 @@ pub fn check_image(image: &[u8]) -> Result<String, String> {
         ));
     }
     if problems.is_empty() {
-        Ok(format!("all {:#x} bytes as the guest must leave them (magic, verdict PASS, patterns, zeros)", image.len()))
+        Ok(format!(
+            "all {:#x} bytes as the guest must leave them (magic, {}K pages, verdict PASS, patterns, zeros)",
+            image.len(),
+            p >> 10
+        ))
     } else {
         Err(problems.join("; "))
     }
@@ -308,13 +334,26 @@ pub fn check_image(image: &[u8]) -> Result<String, String> {
 mod tests {
     use super::*;
 
-    fn overlaps(a: &Piece, b: &Piece) -> bool {
-        a.src == b.src && a.off.div_euclid(P) <= (b.off + b.len - 1) / P && b.off / P <= (a.off + a.len - 1) / P
+    /// The page sizes of Linux on x86_64 and arm64.
+    const PAGES: [usize; 3] = [0x1000, 0x4000, 0x1_0000];
+
+    fn overlaps(a: &Piece, b: &Piece, p: usize) -> bool {
+        a.src == b.src && a.off / p <= (b.off + b.len - 1) / p && b.off / p <= (a.off + a.len - 1) / p
+    }
+
+    fn all_lists(p: usize) -> Vec<Piece> {
+        rw_list(p).into_iter().chain(second_list(p)).chain(ro_list(p)).collect()
     }
 
     #[test]
     fn the_lists_stay_in_the_functional_parts_and_never_share_a_page() {
-        let all: Vec<Piece> = RW_LIST.iter().chain(&SECOND_LIST).chain(&RO_LIST).copied().collect();
+        for p in PAGES {
+            lists_stay_apart(p);
+        }
+    }
+
+    fn lists_stay_apart(p: usize) {
+        let all = all_lists(p);
         for p in &all {
             let inside = match p.src {
                 Src::Bar => BAR_FUNC.contains(&(p.off as u64)) && (p.off + p.len) as u64 <= BAR_FUNC.end,
@@ -324,17 +363,20 @@ mod tests {
         }
         for (i, a) in all.iter().enumerate() {
             for b in &all[i + 1..] {
-                // Only the two adjacent BAR pieces of RW_LIST touch, and they do not share a page.
-                assert!(!overlaps(a, b), "{a:?} {b:?}");
+                // Only the two adjacent BAR pieces of rw_list touch, and they do not share a page.
+                assert!(!overlaps(a, b, p), "{a:?} {b:?} with pages of {p:#x}");
             }
         }
     }
 
     #[test]
     fn expected_runs_follow_coalescing() {
-        assert_eq!(expect(&SECOND_LIST), Expect { segments: 6, runs: 6, bar_runs: 3, ram_runs: 3 });
-        assert_eq!(expect(&RO_LIST), Expect { segments: 5, runs: 5, bar_runs: 3, ram_runs: 2 });
-        assert_eq!(expect(&[bar(0, P), bar(P, P), ram(2 * P, P), ram(3 * P, P), bar(2 * P, P)]).runs, 3);
+        for p in PAGES {
+            assert_eq!(expect(&rw_list(p)), Expect { segments: 9, runs: 8, bar_runs: 4, ram_runs: 4 });
+            assert_eq!(expect(&second_list(p)), Expect { segments: 6, runs: 6, bar_runs: 3, ram_runs: 3 });
+            assert_eq!(expect(&ro_list(p)), Expect { segments: 5, runs: 5, bar_runs: 3, ram_runs: 2 });
+            assert_eq!(expect(&[bar(0, p), bar(p, p), ram(2 * p, p), ram(3 * p, p), bar(2 * p, p)]).runs, 3);
+        }
     }
 
     #[test]
@@ -357,40 +399,49 @@ mod tests {
         }
     }
 
-    fn good_image() -> Vec<u8> {
-        let mut img = expected_image(BAR_SIZE as usize);
+    fn good_image(p: usize) -> Vec<u8> {
+        let mut img = expected_image(BAR_SIZE as usize, p);
         img[VERDICT_AT as usize..VERDICT_AT as usize + 4].copy_from_slice(b"PASS");
         img
     }
 
     #[test]
     fn the_expected_image_is_what_final_bar_byte_says() {
-        let img = expected_image(BAR_SIZE as usize);
-        let mut rng = Rng::new(3);
-        let edges =
-            RW_LIST.iter().chain(&SECOND_LIST).chain(&RO_LIST).flat_map(|p| [p.off, p.off + p.len - 1, p.off + p.len]);
-        let samples =
-            (0..20_000).map(|_| rng.below(BAR_SIZE as usize)).chain(edges).chain([0, 15, 16, 19, 20, 0xffff, 0x10000]);
-        for off in samples {
-            assert_eq!(img[off], final_bar_byte(off as u64), "at {off:#x}");
+        for p in PAGES {
+            let img = expected_image(BAR_SIZE as usize, p);
+            let mut rng = Rng::new(3);
+            let edges = all_lists(p).into_iter().flat_map(|q| [q.off, q.off + q.len - 1, q.off + q.len]);
+            let samples = (0..20_000)
+                .map(|_| rng.below(BAR_SIZE as usize))
+                .chain(edges)
+                .chain([0, 15, 16, 19, 20, 23, 24, 0xffff, 0x10000]);
+            for off in samples {
+                assert_eq!(img[off], final_bar_byte(off as u64, p), "at {off:#x} with pages of {p:#x}");
+            }
         }
     }
 
     #[test]
     fn the_host_check_accepts_the_image_and_names_any_difference() {
-        let mut img = good_image();
-        assert!(check_image(&img).is_ok());
-        // A byte written through a view that did not land.
-        let off = RW_LIST[3].off + 5;
-        img[off] = pattern::byte(SEED_BAR, off as u64);
-        let e = check_image(&img).unwrap_err();
-        assert!(e.contains("functional part: 1 bytes differ") && e.contains(&format!("{off:#x}")), "{e}");
-        // A stray write past the layout, and a failing verdict.
-        let mut img = good_image();
-        img[(BAR_SIZE - 1) as usize] = 1;
-        img[VERDICT_AT as usize..VERDICT_AT as usize + 4].copy_from_slice(b"FAIL");
-        let e = check_image(&img).unwrap_err();
-        assert!(e.contains("rest (never written): 1 bytes differ") && e.contains("\"FAIL\""), "{e}");
-        assert!(check_image(&img[..0x1000]).is_err());
+        for p in PAGES {
+            let mut img = good_image(p);
+            assert!(check_image(&img).is_ok());
+            // A byte written through a view that did not land.
+            let off = rw_list(p)[3].off + 5;
+            img[off] = pattern::byte(SEED_BAR, off as u64);
+            let e = check_image(&img).unwrap_err();
+            assert!(e.contains("functional part: 1 bytes differ") && e.contains(&format!("{off:#x}")), "{e}");
+            // A stray write past the layout, and a failing verdict.
+            let mut img = good_image(p);
+            img[(BAR_SIZE - 1) as usize] = 1;
+            img[VERDICT_AT as usize..VERDICT_AT as usize + 4].copy_from_slice(b"FAIL");
+            let e = check_image(&img).unwrap_err();
+            assert!(e.contains("rest (never written): 1 bytes differ") && e.contains("\"FAIL\""), "{e}");
+            assert!(check_image(&img[..0x1000]).is_err());
+        }
+        // The page size the guest wrote decides the lists: a 16K image is not a 4K one.
+        let mut img = good_image(0x4000);
+        img[PAGE_AT as usize..PAGE_AT as usize + 4].copy_from_slice(&0x1000u32.to_le_bytes());
+        assert!(check_image(&img).is_err());
     }
 }

@@ -19,6 +19,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod device;
+pub mod facts;
 pub mod layout;
 pub mod mem;
 pub mod pattern;

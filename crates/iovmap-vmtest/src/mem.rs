@@ -59,8 +59,9 @@ fn done(n: isize, want: usize) -> io::Result<()> {
 /// Whether any page of `[addr, addr + len)` is unmapped (`mincore` says ENOMEM).
 ///
 /// ```
-/// let v = vec![0u8; 4096];
-/// assert!(!iovmap_vmtest::mem::has_unmapped_page(v.as_ptr() as usize & !4095, 4096));
+/// let p = iovmap_vmtest::mem::page();
+/// let v = vec![0u8; 2 * p];
+/// assert!(!iovmap_vmtest::mem::has_unmapped_page((v.as_ptr() as usize).next_multiple_of(p), p));
 /// ```
 pub fn has_unmapped_page(addr: usize, len: usize) -> bool {
     let p = page();

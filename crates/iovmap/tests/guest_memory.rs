@@ -64,10 +64,10 @@ fn guest_scatter_lists_map_across_region_boundaries() {
     // The crossing entry comes first so that its hugetlb half lands 2 MiB-aligned in the
     // view (2 MiB of region 1 before it); anything else before it would be Unaligned.
     let ranges = [
-        (GuestAddress((46 * MIB) as u64), 4 * MIB),    // region 1 into region 2: split
-        (GuestAddress(0x5000), 3 * p),                 // region 0
-        (GuestAddress((32 * MIB + 0x1000) as u64), p), // region 1
-        (GuestAddress((16 * MIB - p) as u64), p),      // last page of region 0
+        (GuestAddress((46 * MIB) as u64), 4 * MIB), // region 1 into region 2: split
+        (GuestAddress(5 * p as u64), 3 * p),        // region 0
+        (GuestAddress((32 * MIB + p) as u64), p),   // region 1
+        (GuestAddress((16 * MIB - p) as u64), p),   // last page of region 0
     ];
     let view = remapper.map_guest(&mem, &ranges, MapOptions::new()).unwrap();
     let s = view.stats();
@@ -80,7 +80,7 @@ fn guest_scatter_lists_map_across_region_boundaries() {
     // Writes through the view reach guest memory, and the other way round.
     slice.store(0x5au8, 2 * MIB + 7, Ordering::Relaxed).unwrap(); // GPA 48M + 7 (region 2)
     assert_eq!(mem.read_obj::<u8>(GuestAddress((48 * MIB + 7) as u64)).unwrap(), 0x5a);
-    mem.write_obj(0xa5u8, GuestAddress(0x5000 + 11)).unwrap();
+    mem.write_obj(0xa5u8, GuestAddress(5 * p as u64 + 11)).unwrap();
     assert_eq!(slice.load::<u8>(4 * MIB + 11, Ordering::Relaxed).unwrap(), 0xa5);
 
     // The same list with a page in front of the crossing entry cannot keep the hugetlb

@@ -220,7 +220,7 @@ fn faults_and_errors_of_map_guest() {
         // An entry that crosses from region 1 into region 2 (two host segments).
         let ranges = [
             (GuestAddress((12 * MIB - 2 * MIB) as u64), 4 * MIB),
-            (GuestAddress(0x5000), 3 * p),
+            (GuestAddress(5 * p as u64), 3 * p),
             (GuestAddress((8 * MIB + p) as u64), p),
         ];
         let view = r.map_guest(&mem, &ranges, opts).unwrap();

@@ -326,17 +326,25 @@ fn io_uring_ring_has_no_way_in_at_a_fixed_place() {
         assert!(matches!(e, Error::NoFallback { .. }), "{e:?}");
         assert!(e.to_string().contains("register"), "{e}");
     }
-    // Registered: its fd refuses MAP_FIXED (EINVAL), so a ring run inside a reservation
-    // has no fallback, and the error says so...
     let mut r = Remapper::new();
     r.register(ring.map.ptr(), ring.map.len(), ring.fd(), 0).unwrap();
-    let e = r.map(&mixed).unwrap_err();
-    match &e {
-        Error::NoFallback { index: 1, source } => assert_eq!(source.raw_os_error(), Some(libc::EINVAL)),
-        other => panic!("{other:?}"),
+    if ring.refuses_map_fixed() {
+        // Registered, its fd refuses MAP_FIXED (EINVAL): a ring run inside a reservation
+        // has no fallback, and the error says so...
+        let e = r.map(&mixed).unwrap_err();
+        match &e {
+            Error::NoFallback { index: 1, source } => assert_eq!(source.raw_os_error(), Some(libc::EINVAL)),
+            other => panic!("{other:?}"),
+        }
+    } else {
+        // Linux 5.10 maps the ring fd with MAP_FIXED: registered, the ring has a way in.
+        let view = r.map(&mixed).unwrap();
+        assert_eq!(view.stats().fd_mapped, 1);
+        assert_view_matches(&view, &mixed);
+        eprintln!("SKIP part: NoFallback of a registered ring: this kernel's io_uring fd accepts MAP_FIXED");
     }
-    // ... but a view of the ring alone is one mapping where the kernel chooses, which the
-    // fd takes: the view aliases the ring.
+    // A view of the ring alone is one mapping where the kernel chooses, which the fd takes
+    // on every kernel: the view aliases the ring.
     let view = r.map(&alone).unwrap();
     assert_eq!((view.stats().fd_mapped, view.stats().runs), (1, 1));
     assert_view_matches(&view, &alone);
@@ -393,7 +401,15 @@ fn write_sealed_memfd_refuses_a_writable_view() {
     // Seal first: a shared mapping that could become writable would make the seal fail.
     // SAFETY: fcntl on a live fd.
     assert_eq!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) }, 0);
-    let map = Mapping::new(4 * page(), libc::PROT_READ, libc::MAP_SHARED, Some(file.as_fd()), 0).unwrap();
+    let map = match Mapping::new(4 * page(), libc::PROT_READ, libc::MAP_SHARED, Some(file.as_fd()), 0) {
+        Ok(m) => m,
+        // Linux 5.10 counts every shared mapping of the file as writable (the check moved
+        // after the VMA's flags are known in 6.7): no mapping to build a view of.
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            skip!("this kernel refuses even a read-only shared mapping of a write-sealed memfd: {e}")
+        }
+        Err(e) => panic!("mmap of the sealed memfd: {e}"),
+    };
     let mut r = Remapper::new();
     r.register(map.ptr(), map.len(), file.as_fd(), 0).unwrap();
     let e = r.map(&[map.iov(0, page())]).unwrap_err();
@@ -480,13 +496,14 @@ fn views_and_remappers_cross_threads() {
 
 #[test]
 fn a_quarter_million_adjacent_iovecs_are_one_clone() {
-    // 1 GiB of memfd, never touched: mapping it costs no memory.
+    // 1 GiB of memfd with 4 KiB pages (4 GiB with 16 KiB ones), never touched: mapping
+    // it costs no memory.
     let ram = GuestRam::new(262_144 * page()).unwrap();
     let list: Vec<_> = (0..262_144).map(|i| ram.iov(i * page(), page())).collect();
     let view = iovmap::map(&list).unwrap();
     let s = view.stats();
     assert_eq!((s.segments, s.runs, s.cloned, s.syscalls), (262_144, 1, 1, 1 + probes(1)));
-    assert_eq!(view.len(), 1 << 30);
+    assert_eq!(view.len(), 262_144 * page());
     ram.write(123 * page() + 4, 9);
     assert_eq!(read(&view, 123 * page() + 4), 9);
 }
