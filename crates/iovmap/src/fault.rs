@@ -40,6 +40,8 @@ struct State {
     fired: bool,
     /// Behave as a kernel that does (or does not) punch holes, instead of probing.
     holes: Option<bool>,
+    /// Behave as a kernel that lacks MADV_POPULATE_* (Linux before 5.14).
+    no_populate_advice: bool,
     /// Injected clone refusals leave their destination mapped (see
     /// [`Faults::refuse_before_unmap`]).
     keep_destination: bool,
@@ -89,6 +91,11 @@ pub(crate) fn inject(op: Operation, range: Range<usize>) -> io::Result<()> {
 /// The kernel behaviour this thread assumes, if a [`Faults`] guard set one.
 pub(crate) fn assumed_holes() -> Option<bool> {
     STATE.with(|s| s.borrow().as_ref().and_then(|st| st.holes))
+}
+
+/// Whether this thread emulates a kernel without MADV_POPULATE_* (Linux before 5.14).
+pub(crate) fn emulating_no_populate_advice() -> bool {
+    STATE.with(|s| s.borrow().as_ref().is_some_and(|st| st.no_populate_advice))
 }
 
 /// Whether injected clone refusals punch a hole, as Linux before 6.17 does.
@@ -203,6 +210,31 @@ impl Faults {
         STATE.with(|s| {
             if let Some(st) = s.borrow_mut().as_mut() {
                 st.holes = Some(punches);
+            }
+        });
+        self
+    }
+
+    /// Behave as a kernel that lacks MADV_POPULATE_READ/WRITE: every madvise with them
+    /// returns EINVAL without reaching the kernel, as Linux before 5.14 does, so that
+    /// `populate` prefaults by reads.
+    ///
+    /// ```
+    /// use iovmap::fault::{Faults, Operation};
+    /// # let page = iovmap::page_size();
+    /// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 2 * page, libc::PROT_READ | libc::PROT_WRITE,
+    /// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) };
+    /// # let iov = [libc::iovec { iov_base: ram, iov_len: 2 * page }];
+    /// let faults = Faults::new().without_populate_advice();
+    /// drop(iovmap::Remapper::new().map_with(&iov, iovmap::MapOptions::new().populate())?);
+    /// // The refused madvise, then the reads that prefault instead.
+    /// assert_eq!(faults.calls(Operation::Populate), 2);
+    /// # Ok::<(), iovmap::Error>(())
+    /// ```
+    pub fn without_populate_advice(self) -> Self {
+        STATE.with(|s| {
+            if let Some(st) = s.borrow_mut().as_mut() {
+                st.no_populate_advice = true;
             }
         });
         self

@@ -126,7 +126,11 @@ impl MapOptions {
 
     /// Prefault the RAM runs of the view (MADV_POPULATE_READ/WRITE, Linux 5.14+) so that
     /// first accesses do not fault. Device runs (VM_PFNMAP/VM_IO, such as vfio BARs)
-    /// cannot be prefaulted and are skipped.
+    /// cannot be prefaulted and are skipped, and so are kernel-built runs. Kernels before
+    /// 5.14 lack the advice: there each page is faulted in by reading one byte of it
+    /// (`process_vm_readv` on this process, so a page past the end of its file is an
+    /// error, not SIGBUS). A page that cannot be faulted in fails the map, naming its
+    /// run's first segment, and nothing is left mapped.
     ///
     /// ```
     /// assert!(iovmap::MapOptions::new().populate().populates());

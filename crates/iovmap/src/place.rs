@@ -527,33 +527,32 @@ impl Placer<'_> {
     }
 
     /// Prefaults the runs that are not device memory or kernel-built (the kernel refuses
-    /// to prefault pfn mappings), one madvise per stretch of adjacent such runs.
+    /// to prefault pfn mappings), one madvise per stretch of adjacent such runs. When a
+    /// stretch fails, its runs are prefaulted one by one to name the first that fails.
     fn populate(&self, plan: &Plan) -> Result<(), Error> {
         let write = self.prot & libc::PROT_WRITE != 0;
-        let mut stretch: Option<(usize, usize, usize)> = None; // (start, end, first segment)
-        let flush = |s: Option<(usize, usize, usize)>| -> Result<(), Error> {
-            let Some((start, end, index)) = s else { return Ok(()) };
-            let at = self.reservation.slot(start, end - start).ok_or(Error::TooLarge)?;
-            sys::populate(at, end - start, write).map_err(|source| Error::Os {
-                op: Operation::Populate,
-                index: Some(index),
-                source,
-            })
+        let one = |runs: &[Run]| -> Result<(), std::io::Error> {
+            let (start, end) = (runs[0].dst(), runs[runs.len() - 1].dst() + runs[runs.len() - 1].len());
+            let at = self.reservation.slot(start, end - start).ok_or(std::io::ErrorKind::InvalidInput)?;
+            sys::populate(at, end - start, write)
         };
-        for (run, placed) in plan.runs.iter().zip(&self.placed) {
-            if matches!(placed, Placed::Device | Placed::KernelBuilt) {
-                flush(stretch.take())?;
-                continue;
+        let flush = |runs: &[Run]| -> Result<(), Error> {
+            let Err(first) = (if runs.is_empty() { Ok(()) } else { one(runs) }) else { return Ok(()) };
+            let culprit =
+                (runs.len() > 1).then(|| runs.iter().find_map(|r| one(std::slice::from_ref(r)).err().map(|e| (r, e))));
+            let (run, source) = culprit.flatten().unwrap_or((&runs[0], first));
+            Err(Error::Os { op: Operation::Populate, index: Some(run.first()), source })
+        };
+        let mut from = 0; // first run of the open stretch
+        for (i, (run, placed)) in plan.runs.iter().zip(&self.placed).enumerate() {
+            let prefaults = !matches!(placed, Placed::Device | Placed::KernelBuilt);
+            let continues = i > from && plan.runs[i - 1].dst() + plan.runs[i - 1].len() == run.dst();
+            if !prefaults || !continues {
+                flush(&plan.runs[from..i])?;
+                from = if prefaults { i } else { i + 1 };
             }
-            stretch = match stretch {
-                Some((start, end, index)) if end == run.dst() => Some((start, run.dst() + run.len(), index)),
-                other => {
-                    flush(other)?;
-                    Some((run.dst(), run.dst() + run.len(), run.first()))
-                }
-            };
         }
-        flush(stretch)
+        flush(&plan.runs[from..])
     }
 }
 

@@ -343,12 +343,71 @@ pub(crate) unsafe fn protect(addr: NonNull<u8>, len: usize, prot: libc::c_int) -
 
 /// Prefaults `[addr, addr + len)` with MADV_POPULATE_WRITE (or _READ when `write` is
 /// false). Populating never changes the contents of memory.
+///
+/// Kernels before 5.14 have neither advice (EINVAL, and an empty range tells that apart
+/// from EINVAL for the range): there the pages are faulted in by reading one byte of
+/// each with `process_vm_readv` on this process, which reports a page that cannot be
+/// faulted in as EFAULT where a plain load would raise SIGBUS. Read faults map the pages;
+/// on memory that tracks dirty pages (not shmem or hugetlbfs) the first write to each
+/// still takes a minor fault.
 pub(crate) fn populate(addr: NonNull<u8>, len: usize, write: bool) -> io::Result<()> {
     inject(Operation::Populate, span(addr, len))?;
     let advice = if write { libc::MADV_POPULATE_WRITE } else { libc::MADV_POPULATE_READ };
+    match madvise_populate(addr.as_ptr(), len, advice) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !populate_advice_exists() => {
+            log::debug!("iovmap: no MADV_POPULATE_* (Linux before 5.14): prefaulting by reads");
+            inject(Operation::Populate, span(addr, len))?;
+            prefault_by_reading(addr, len)
+        }
+        other => other,
+    }
+}
+
+/// Whether this kernel knows MADV_POPULATE_READ (Linux 5.14+): it validates the advice
+/// before the range, and an empty range is then a success.
+fn populate_advice_exists() -> bool {
+    madvise_populate(std::ptr::null_mut(), 0, libc::MADV_POPULATE_READ).is_ok()
+}
+
+fn madvise_populate(addr: *mut u8, len: usize, advice: libc::c_int) -> io::Result<()> {
+    #[cfg(feature = "fault-injection")]
+    if crate::fault::emulating_no_populate_advice() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     // SAFETY: MADV_POPULATE_* only faults pages in as a user access would; it cannot
-    // change memory contents or mappings. An unmapped range yields ENOMEM, not UB.
-    check_int(unsafe { libc::madvise(addr.as_ptr().cast(), len, advice) }).map(drop)
+    // change memory contents or mappings. An unmapped range yields ENOMEM, an empty one
+    // nothing, never UB.
+    check_int(unsafe { libc::madvise(addr.cast(), len, advice) }).map(drop)
+}
+
+/// Faults in every base page of `[addr, addr + len)` by reading its first byte through
+/// `process_vm_readv` (this process as the remote), up to 1,024 pages per call.
+fn prefault_by_reading(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    const BATCH: usize = 1024; // UIO_MAXIOV
+    let page = page_size();
+    let mut sink = [0u8; BATCH];
+    let mut remote = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 1 }; BATCH];
+    let mut at = 0;
+    while at < len {
+        let n = ((len - at).div_ceil(page)).min(BATCH);
+        for (i, r) in remote[..n].iter_mut().enumerate() {
+            r.iov_base = addr.as_ptr().wrapping_add(at + i * page).cast();
+        }
+        let local = libc::iovec { iov_base: sink.as_mut_ptr().cast(), iov_len: n };
+        // SAFETY: the kernel writes at most `n` bytes into `sink` (the one local iovec)
+        // and reads the remote bytes as the process's own loads would, failing with
+        // EFAULT instead of a signal; it changes no mapping.
+        let read = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, remote.as_ptr(), n as u64, 0) };
+        if read < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if read as usize != n {
+            // A short read stops at the first page that could not be faulted in.
+            return Err(io::Error::from_raw_os_error(libc::EFAULT));
+        }
+        at += n * page;
+    }
+    Ok(())
 }
 
 /// Duplicates `fd` as a new close-on-exec descriptor.

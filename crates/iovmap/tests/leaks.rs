@@ -118,6 +118,27 @@ fn error_paths_leave_nothing_behind() {
     let e = r.map_with(&[ram.iov(0, page()), ro_map.iov(page(), page())], raise).unwrap_err();
     assert!(matches!(e, Error::NotWritable { index: 1 }), "{e:?}");
     before.assert_unchanged("not writable");
+    // A mapping longer than its file: populate reaches a page past the end (which a load
+    // would meet with SIGBUS), by madvise or, on a kernel without MADV_POPULATE_*, by
+    // reads. Either names the segment, and the view is undone.
+    let short = kit::memfd("short", 0).unwrap();
+    short.set_len(2 * page() as u64).unwrap();
+    let past =
+        Mapping::new(4 * page(), libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(short.as_fd()), 0).unwrap();
+    let list = [ram.iov(0, page()), past.iov(0, 4 * page())];
+    let before = Counts::now();
+    for old_kernel in [false, true] {
+        let faults = if old_kernel { Faults::new().without_populate_advice() } else { Faults::new() };
+        let e = r.map_with(&list, MapOptions::new().populate()).unwrap_err();
+        drop(faults);
+        match &e {
+            Error::Os { op: Operation::Populate, index: Some(1), source } => {
+                assert_eq!(source.raw_os_error(), Some(libc::EFAULT), "{e:?}")
+            }
+            other => panic!("without MADV_POPULATE_* {old_kernel}: {other:?}"),
+        }
+        before.assert_unchanged(&format!("populate past the end of the file (emulating 5.13: {old_kernel})"));
+    }
 }
 
 /// A registration that must fail, and how.
@@ -236,6 +257,8 @@ struct Scenario<'a> {
     remapper: &'a Remapper,
     list: Vec<libc::iovec>,
     opts: MapOptions,
+    /// Emulate a kernel without MADV_POPULATE_* (Linux before 5.14).
+    no_populate_advice: bool,
 }
 
 fn injected_failures_roll_back_at_every_syscall() {
@@ -259,18 +282,33 @@ fn injected_failures_roll_back_at_every_syscall() {
     list.push(ram.iov(40 * p, p));
     let plain = Remapper::new();
     let mut scenarios = vec![
-        Scenario { name: "mixed, populate", remapper: &mixed, list: list.clone(), opts: MapOptions::new().populate() },
+        Scenario {
+            name: "mixed, populate",
+            remapper: &mixed,
+            list: list.clone(),
+            opts: MapOptions::new().populate(),
+            no_populate_advice: false,
+        },
+        Scenario {
+            name: "mixed, populate by reads (no MADV_POPULATE_*, Linux before 5.14)",
+            remapper: &mixed,
+            list: list.clone(),
+            opts: MapOptions::new().populate(),
+            no_populate_advice: true,
+        },
         Scenario {
             name: "read-only (mprotect)",
             remapper: &plain,
             list: vec![ram.iov(0, p), ram.iov(8 * p, 8 * p)],
             opts: MapOptions::new().read_only().populate(),
+            no_populate_advice: false,
         },
         Scenario {
             name: "many runs",
             remapper: &plain,
             list: (0..600).map(|i| ram.iov((i % 32) * 2 * p, p)).collect(),
             opts: MapOptions::default(),
+            no_populate_advice: false,
         },
     ];
     let huge = GuestRam::huge(2 * kit::HUGE_2M);
@@ -283,6 +321,7 @@ fn injected_failures_roll_back_at_every_syscall() {
                 remapper: &huge_remapper,
                 list: vec![h.iov(kit::HUGE_2M, kit::HUGE_2M), h.iov(0, 4096)],
                 opts: MapOptions::default(),
+                no_populate_advice: false,
             });
         }
         Err(e) => eprintln!("SKIP part: no huge pages for the trim step: {e}"),
@@ -304,12 +343,14 @@ fn injected_failures_roll_back_at_every_syscall() {
                 remapper: &sealed_remapper,
                 list: scattered,
                 opts: MapOptions::new().kernel_built().populate(),
+                no_populate_advice: false,
             });
             scenarios.push(Scenario {
                 name: "automatic: kernel-built and cloned, read-only",
                 remapper: &sealed_remapper,
                 list: with_clone,
                 opts: MapOptions::new().read_only().populate(),
+                no_populate_advice: false,
             });
         }
         Err(e) => eprintln!("SKIP part: no kernel-built scenario: {e}"),
@@ -319,8 +360,9 @@ fn injected_failures_roll_back_at_every_syscall() {
     for s in &scenarios {
         // A clean run first, so the remapper has learned which regions refuse the clone;
         // then a counted one: how many times does each syscall happen?
+        let armed = || if s.no_populate_advice { Faults::new().without_populate_advice() } else { Faults::new() };
         drop(s.remapper.map_with(&s.list, s.opts).unwrap_or_else(|e| panic!("{}: {e}", s.name)));
-        let faults = Faults::new();
+        let faults = armed();
         let view = s.remapper.map_with(&s.list, s.opts).unwrap_or_else(|e| panic!("{}: {e}", s.name));
         let calls: Vec<(Operation, usize)> = Operation::ALL.iter().map(|&sc| (sc, faults.calls(sc))).collect();
         drop(faults);
@@ -329,7 +371,7 @@ fn injected_failures_roll_back_at_every_syscall() {
         let table = regions(s.remapper);
         for (sc, n) in calls {
             for k in 0..n {
-                let faults = Faults::new().fail(sc, k, libc::EIO);
+                let faults = armed().fail(sc, k, libc::EIO);
                 let r = s.remapper.map_with(&s.list, s.opts);
                 assert!(faults.fired(), "{}: {sc:?} #{k} was not reached", s.name);
                 drop(faults);
