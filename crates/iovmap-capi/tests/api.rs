@@ -411,7 +411,14 @@ fn bad_registrations_are_invalid_regions() {
     assert_error(overlap, IOVMAP_E_INVALID_REGION, -1, &["overlaps the region"]);
     let unaligned = r.register(ram.ptr().wrapping_add(4 * page()), 100, fd, 4 * page() as u64);
     assert_error(unaligned, IOVMAP_E_INVALID_REGION, -1, &["not aligned"]);
-    let past_eof = r.register(ram.ptr().wrapping_add(4 * page()), 4 * page(), fd, 6 * page() as u64);
+    let wrong_offset = r.register(ram.ptr().wrapping_add(4 * page()), 4 * page(), fd, 6 * page() as u64);
+    assert_error(wrong_offset, IOVMAP_E_INVALID_REGION, -1, &["not at the registered"]);
+    // A mapping longer than its file: 2 pages of file, 4 mapped.
+    let short = kit::memfd("short", 0).unwrap();
+    short.set_len(2 * page() as u64).unwrap();
+    let past =
+        Mapping::new(4 * page(), libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(short.as_fd()), 0).unwrap();
+    let past_eof = r.register(past.ptr(), 4 * page(), short.as_raw_fd(), 0);
     assert_error(past_eof, IOVMAP_E_INVALID_REGION, -1, &["shorter than offset + len"]);
     let unmapped = r.register(kit::unmapped_address(), page(), fd, 0);
     assert_error(unmapped, IOVMAP_E_INVALID_REGION, -1, &["is not mapped"]);

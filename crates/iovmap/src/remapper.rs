@@ -193,9 +193,6 @@ impl Remapper {
             .filter(|e| i64::try_from(*e).is_ok())
             .ok_or_else(|| invalid(RegionError::OffsetOverflow))?;
         let info = sys::file_info(fd).map_err(|source| invalid(RegionError::Os { op: Operation::FileStat, source }))?;
-        if info.sized && info.size < file_end {
-            return Err(invalid(RegionError::FileTooShort { size: info.size, needed: file_end }));
-        }
         // Every page size is a multiple of the base page: check that first, before the
         // lookups, and the mapping's own page size (huge pages) once it is known.
         let aligned = |page: usize| start & (page - 1) == 0 && len & (page - 1) == 0 && offset & (page as u64 - 1) == 0;
@@ -231,6 +228,10 @@ impl Remapper {
             }
             page_size = page_size.max(vma.page_size);
             at = vma.end;
+        }
+        // After the identity checks: a wrong fd is named as such, not as a short file.
+        if info.sized && info.size < file_end {
+            return Err(invalid(RegionError::FileTooShort { size: info.size, needed: file_end }));
         }
         if !aligned(page_size) {
             return Err(invalid(RegionError::Unaligned { page_size }));

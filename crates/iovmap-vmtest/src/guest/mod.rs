@@ -159,6 +159,7 @@ impl Guest {
         let before = (mem::vma_count().unwrap_or(0), mem::fd_count().unwrap_or(0));
         let mut remapper = Remapper::new();
         self.registration(&mut remapper, c);
+        self.registration_mismatches(c);
         self.region_without_mmap(c);
         self.first_view(&remapper, c);
         self.later_view(&remapper, c);

@@ -1,13 +1,19 @@
 //! Registering the BAR (and what is refused), and unregistering it.
 
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
 use iovmap::vfio::RegionInfoError;
 use iovmap::{Error, RegionError, Remapper};
+use iovmap_testkit::memfd;
 use iovmap_vmtest::device;
 use iovmap_vmtest::layout;
 use iovmap_vmtest::mem::page;
 use iovmap_vmtest::report::Checks;
 
 use super::Guest;
+
+/// What replaces a registered mapping: its name, mmap flags, and the file and offset.
+type Replacement<'a> = (&'a str, libc::c_int, Option<(BorrowedFd<'a>, u64)>);
 
 impl Guest {
     pub(super) fn registration(&self, remapper: &mut Remapper, c: &mut Checks) {
@@ -41,6 +47,84 @@ impl Guest {
                 _ => Err(format!("twice: {again:?}; one page off: {shifted:?}")),
             },
         );
+    }
+
+    /// A registration is never used for memory it does not describe (issue 10, item 9),
+    /// tried on the BAR as a VMM that replaces a mapping without unregistering it would:
+    /// the wrong fd is refused at registration, and a second mapping of BAR2, registered
+    /// and then replaced (by shared anonymous memory, a memfd, the BAR at another offset),
+    /// is refused at map time, naming the segment, instead of showing the old BAR.
+    pub(super) fn registration_mismatches(&self, c: &mut Checks) {
+        let r2 = self.dev.region(2);
+        let len = self.bar.len();
+        let memfd = match memfd("iovmap-vmtest-other", 0).and_then(|f| f.set_len(len as u64).map(|()| f)) {
+            Ok(f) => f,
+            Err(e) => return c.fail("register-wrong-fd", format_args!("memfd: {e}")),
+        };
+        let wrong_fd = Remapper::new().register(self.bar.ptr(), len, &memfd, r2.offset);
+        c.check(
+            "register-wrong-fd",
+            match &wrong_fd {
+                Err(e @ Error::InvalidRegion { kind: RegionError::NotTheFile { .. }, .. }) => {
+                    Ok(format!("BAR2 with a memfd's fd: \"{e}\""))
+                }
+                other => Err(format!("BAR2 registered with a memfd's fd: {other:?}")),
+            },
+        );
+        // SAFETY: the device fd is owned by `self.dev`, which outlives this function.
+        let devfd = unsafe { BorrowedFd::borrow_raw(self.dev.device.as_raw_fd()) };
+        let replacements: [Replacement<'_>; 3] = [
+            ("shared anonymous memory", libc::MAP_SHARED | libc::MAP_ANONYMOUS, None),
+            ("a memfd", libc::MAP_SHARED, Some((memfd.as_fd(), 0))),
+            ("the BAR one page further on", libc::MAP_SHARED, Some((devfd, r2.offset + page() as u64))),
+        ];
+        let mut seen = Vec::new();
+        for (what, flags, file) in replacements {
+            let second = match self.dev.map_region(2) {
+                Ok(m) => m,
+                Err(e) => return c.fail("stale-bar-registration", format_args!("a second mapping of BAR2: {e}")),
+            };
+            let mut r = Remapper::new();
+            if let Err(e) = r.register_vfio_region(&self.dev.device, 2, second.ptr()) {
+                return c.fail("stale-bar-registration", format_args!("registering the second mapping: {e}"));
+            }
+            // What the replacement maps must be no longer than the file behind it.
+            let span = if file.is_some_and(|(_, off)| off != 0) { len - page() } else { len };
+            let (fd, off) = file.map_or((-1, 0), |(f, o)| (f.as_raw_fd(), o));
+            // SAFETY: replaces our own second mapping of BAR2 (`second` unmaps the range
+            // on drop, whatever is mapped there then); nothing else uses that range.
+            let p = unsafe {
+                libc::mmap(
+                    second.ptr().cast(),
+                    span,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags | libc::MAP_FIXED,
+                    fd,
+                    off as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return c.fail(
+                    "stale-bar-registration",
+                    format_args!("replacing the second mapping with {what}: {}", std::io::Error::last_os_error()),
+                );
+            }
+            let list = [iovmap_testkit::iov(second.ptr().wrapping_add(2 * page()), page())];
+            match r.map(&list) {
+                Err(e @ Error::StaleRegion { index: 0, .. }) => seen.push(format!("{what}: \"{e}\"")),
+                Ok(v) => {
+                    return c.fail(
+                        "stale-bar-registration",
+                        format_args!("replaced by {what}, the registration still gave a view: {:?}", v.stats()),
+                    );
+                }
+                Err(e) => {
+                    return c
+                        .fail("stale-bar-registration", format_args!("replaced by {what}: {e:?}, not StaleRegion"));
+                }
+            }
+        }
+        c.pass("stale-bar-registration", seen.join("; "));
     }
 
     /// ivshmem BAR0 is a 256-byte register window; vfio-pci may or may not let it be
