@@ -13,6 +13,17 @@ arg() { sed -n "s/.*vmtest\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 for m in $(cat /lib/modules/order); do
   insmod /lib/modules/$m.ko || echo "INIT: insmod $m failed"
 done
+# bench.sh: the benchmark instead of the tests, on a quiet guest (udmabuf loaded above).
+BENCH=$(arg bench)
+if [ -n "$BENCH" ]; then
+  for cmd in $(echo "$BENCH" | tr '+' ' '); do
+    echo "BENCH: BEGIN $cmd at $(up) s"
+    if [ "$cmd" = demo ]; then /bin/iovmap-demo; else /bin/interleaved $(echo "$cmd" | tr ',' ' '); fi
+    echo "BENCH: END $cmd exit $? at $(up) s"
+  done
+  sync
+  poweroff -f
+fi
 find_dev() { # vendor device -> first PCI address
   for d in /sys/bus/pci/devices/*; do
     if [ "$(cat $d/vendor)" = "$1" ] && [ "$(cat $d/device)" = "$2" ]; then echo "${d##*/}"; return; fi

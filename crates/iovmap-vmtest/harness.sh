@@ -41,6 +41,11 @@ VM_SUITE_PKGS=${VMTEST_SUITE_PKGS:-iovmap iovmap-testkit iovmap-vmtest iovmap-fu
 # kernel without PROCMAP_QUERY reads all of /proc/self/maps. The guest lowers the limit.
 VM_MAX_MAP_COUNT=${VMTEST_MAX_MAP_COUNT:-16384}
 VM_BAR_SIZE=32M # layout::BAR_SIZE
+# bench.sh's: build the benchmark programs too (1), and what the guest runs instead of the
+# tests: interleaved's commands, `+` between commands and `,` between arguments
+# ("large,7+crossover,11"), or `demo`.
+VM_BENCH_BINS=${VM_BENCH_BINS:-0}
+VM_BENCH=${VM_BENCH:-}
 # busybox for the initramfs comes from this suite, for either arch (nothing installed).
 VM_BUSYBOX_SUITE=sid
 
@@ -150,6 +155,13 @@ vm_build() {
   local tdir=${CARGO_TARGET_DIR:-$ROOT/target}
   case $tdir in /*) ;; *) tdir=$ROOT/$tdir ;; esac
   printf '%s\n' "$tdir/$triple/release/iovmap-vmtest" "$tdir/$triple/release/examples/vfio_passthrough" >"$out/bins"
+  if [ "$VM_BENCH_BINS" = 1 ]; then
+    vm_say "building the benchmark programs for $triple (interleaved, iovmap-demo)"
+    env "${env[@]}" timeout -k 10 "$VM_BUILD_TIMEOUT" nice cargo build -q --manifest-path "$ROOT/Cargo.toml" --release \
+      -p iovmap-benches --bin interleaved -p iovmap-demo --target "$triple" \
+      || { VM_WHY="cargo build of the benchmark programs for $triple failed or timed out"; return 1; }
+    printf '%s\n' "$tdir/$triple/release/interleaved" "$tdir/$triple/release/iovmap-demo" >>"$out/bins"
+  fi
   : >"$out/suite"
   if [ "$VM_SUITE" = 1 ]; then
     local pkgs=() p
@@ -265,8 +277,9 @@ vm_initramfs() {
   ln -s bin "$r/sbin"
   # Each copy checked: a function called in an `||` list runs without set -e.
   bins=$W/build-$ROW_ARCH/bins suite=$W/build-$ROW_ARCH/suite
-  cp "$(sed -n 1p "$bins")" "$r/bin/iovmap-vmtest" && cp "$(sed -n 2p "$bins")" "$r/bin/vfio_passthrough" \
-    || { VM_WHY="cannot copy the guest programs of $bins"; return 1; }
+  while IFS= read -r f; do
+    cp "$f" "$r/bin/$(basename "$f")" || { VM_WHY="cannot copy the guest program $f"; return 1; }
+  done <"$bins"
   while IFS=$'\t' read -r m f; do
     cp "$f" "$r/suite/$m" || { VM_WHY="cannot copy test binary $f"; return 1; }
   done <"$suite"
@@ -308,6 +321,7 @@ vm_boot() {
   rm -f "$dir/serial.log" "$dir/bar2.bin" "$dir/nvme.img"
   truncate -s "$VM_BAR_SIZE" "$dir/bar2.bin" && truncate -s 1M "$dir/nvme.img" || { VM_WHY="cannot create backing files in $dir"; return 1; }
   args="panic=-1 quiet vmtest.stress=$VM_STRESS_SECS vmtest.threads=$VM_THREADS vmtest.max_map_count=$VM_MAX_MAP_COUNT"
+  [ -z "$VM_BENCH" ] || args="$args vmtest.bench=$VM_BENCH"
   # x86_64 guests run their vCPUs on one host thread (thread=single): with one thread per
   # vCPU, the 7.2 guest once died of `Oops: int3` in __schedule while perf_event_open
   # enabled a static key (int3-based text patching racing the other vCPU under TCG).
@@ -355,7 +369,8 @@ vm_verdict() {
   VM_KREL=$(sed -n 's/^FACT kernel: \([^ ]*\).*/\1/p' "$log" 2>/dev/null | tr -d '\r' | head -1)
   VM_PAGE=$(sed -n 's/^FACT page: \([^ ]*\).*/\1/p' "$log" 2>/dev/null | tr -d '\r' | head -1)
   grep -aq '^FACTS: DONE' "$log" 2>/dev/null || VM_PROBLEMS+=("facts: $(grep -a '^FACTS:' "$log" 2>/dev/null | tr -d '\r' | tail -1 || true)")
-  for f in holes:holes procmap_query:PROCMAP_QUERY populate:populate udmabuf:udmabuf vfio_bar:"vfio BAR" mseal:mseal; do
+  for f in holes:holes procmap_query:PROCMAP_QUERY populate:populate udmabuf:udmabuf vfio_bar:"vfio BAR" \
+    vfio_dmabuf:"vfio dma-buf" mseal:mseal; do
     name=${f%%:*} label=${f#*:}
     yes=$(sed -n "s/^FACT $name: \([a-z]*\).*/\1/p" "$log" 2>/dev/null | head -1)
     detail=$(sed -n "s/^FACT $name: [a-z]* (\(.*\))\r*$/\1/p" "$log" 2>/dev/null | head -1)
