@@ -297,11 +297,15 @@ struct DmaBufFeature {
 /// need): the probe, the export of BAR2's first page, an mmap of the dma-buf.
 pub fn vfio_dmabuf(ivshmem: Option<&str>) -> Fact {
     let Some(bdf) = ivshmem else { return fact("vfio_dmabuf", false, "(no ivshmem device in this guest)") };
-    let dev = match device::Device::open(bdf) {
-        Ok(d) => d,
-        Err(e) => return fact("vfio_dmabuf", false, format!("({e})")),
-    };
-    let fd = dev.device.as_raw_fd();
+    match device::Device::open(bdf) {
+        Ok(dev) => vfio_dmabuf_of(dev.device.as_raw_fd()),
+        Err(e) => fact("vfio_dmabuf", false, format!("({e})")),
+    }
+}
+
+/// [`vfio_dmabuf`] on an open vfio-pci device fd whose region 2 is the ivshmem BAR (the
+/// guest program asks it of the device it holds).
+pub fn vfio_dmabuf_of(fd: std::os::fd::RawFd) -> Fact {
     let mut req = DmaBufFeature {
         argsz: std::mem::size_of::<DmaBufFeature>() as u32,
         flags: VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF,

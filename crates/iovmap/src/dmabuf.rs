@@ -1,6 +1,7 @@
 //! dma-bufs out: the buffers udmabuf builds for kernel-built runs, owned by a view
 //! ([`View::dmabufs`](crate::View::dmabufs)) or handed over with no CPU mapping at all
-//! ([`Remapper::dmabufs`](crate::Remapper::dmabufs)).
+//! ([`Remapper::dmabufs`](crate::Remapper::dmabufs)), which also exports runs of vfio-pci
+//! BARs through vfio-pci (Linux 6.19+).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -8,7 +9,10 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 ///
 /// Its pages are those of the guest memory it was built from (writes either way are seen
 /// on the other side), pinned by the kernel for as long as the buffer lives: as long as
-/// this fd, a duplicate of it, or a mapping of it exists.
+/// this fd, a duplicate of it, or a mapping of it exists. A dma-buf of BAR runs (from
+/// [`Remapper::dmabufs`](crate::Remapper::dmabufs)) is vfio-pci's: for peer-to-peer
+/// importers only (vfio gives it no CPU mapping), revoked by vfio-pci when the device is
+/// reset or its memory disabled.
 ///
 /// ```
 /// fn hand_to_display(buf: &iovmap::DmaBuf) {

@@ -34,7 +34,8 @@ pub enum Operation {
     RefillHole,
     /// The final protection change of the view (`mprotect`).
     Protect,
-    /// Prefaulting the view's RAM runs (`madvise(MADV_POPULATE_*)`).
+    /// Prefaulting the view's RAM runs (`madvise(MADV_POPULATE_*)`, or `process_vm_readv`
+    /// of a byte of each page on kernels before 5.14).
     Populate,
     /// Asking which VMA covers an address (`ioctl(PROCMAP_QUERY)`; in errors, any VMA
     /// lookup, `/proc/self/maps` on older kernels included).
@@ -54,6 +55,9 @@ pub enum Operation {
     UdmabufCreate,
     /// Mapping a dma-buf into the view (`mmap`).
     DmabufMap,
+    /// Exporting ranges of a vfio-pci BAR as one dma-buf
+    /// (`ioctl(VFIO_DEVICE_FEATURE_DMA_BUF)`, Linux 6.19+), for [`Remapper::dmabufs`](crate::Remapper::dmabufs).
+    VfioDmabuf,
 }
 
 impl Operation {
@@ -63,7 +67,7 @@ impl Operation {
     /// assert!(iovmap::Operation::ALL.contains(&iovmap::Operation::FdMap));
     /// ```
     #[cfg(feature = "fault-injection")]
-    pub const ALL: [Operation; 16] = [
+    pub const ALL: [Operation; 17] = [
         Operation::Reserve,
         Operation::Trim,
         Operation::Clone,
@@ -80,6 +84,7 @@ impl Operation {
         Operation::UdmabufOpen,
         Operation::UdmabufCreate,
         Operation::DmabufMap,
+        Operation::VfioDmabuf,
     ];
 }
 
@@ -95,7 +100,7 @@ impl fmt::Display for Operation {
                 "mmap (MAP_FIXED_NOREPLACE) into the range of a refused clone, which another thread mapped meanwhile"
             }
             Operation::Protect => "mprotect",
-            Operation::Populate => "madvise(MADV_POPULATE_READ/WRITE)",
+            Operation::Populate => "prefaulting (madvise(MADV_POPULATE_READ/WRITE), or reads before Linux 5.14)",
             Operation::VmaQuery => "VMA lookup",
             Operation::MapsRead => "VMA lookup (reading /proc/self/maps)",
             Operation::VmaCount => "reading /proc/self/maps",
@@ -104,6 +109,7 @@ impl fmt::Display for Operation {
             Operation::UdmabufOpen => "opening /dev/udmabuf",
             Operation::UdmabufCreate => "ioctl(UDMABUF_CREATE_LIST)",
             Operation::DmabufMap => "mmap of a dma-buf",
+            Operation::VfioDmabuf => "ioctl(VFIO_DEVICE_FEATURE_DMA_BUF)",
         })
     }
 }

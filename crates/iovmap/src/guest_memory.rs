@@ -59,7 +59,7 @@ impl Remapper {
             let fd = file.file().as_fd();
             let anon = crate::remapper::anon_file_id();
             let span = remapper.check_region(host as usize, len, fd, file.start(), &mut vmas, anon, context)?;
-            remapper.commit(&[(span, Some(fd))], context)?;
+            remapper.commit(&[(span, Some(fd))], context, None)?;
         }
         Ok(remapper)
     }

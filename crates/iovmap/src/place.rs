@@ -131,18 +131,76 @@ fn kernel_built_stretches(plan: &Plan, regions: &Regions, placement: Placement) 
 }
 
 /// The dma-bufs of a whole list, with no CPU mapping: what `Remapper::dmabufs` returns.
-/// Every run must be kernel-built, and, since an importer may write a dma-buf, every
-/// source writable.
+/// Every run must be kernel-built (a sealed memfd: udmabuf), or lie in an area of a
+/// registered vfio-pci region (exported by vfio-pci, `VFIO_DEVICE_FEATURE_DMA_BUF`);
+/// since an importer may write a dma-buf, every source must be writable. Consecutive runs
+/// of one kind (and, for BARs, of one region) share dma-bufs; the result is in list order.
 pub(crate) fn dmabufs_of(plan: &Plan, regions: &Regions) -> Result<DmaBufs, Error> {
     check_access(plan, MapOptions::new())?;
-    let all = kernel_built_stretches(plan, regions, Placement::KernelBuilt)?;
-    let buffers = udmabuf::buffers(plan, &all, udmabuf::limits(), sys::page_size());
-    let fds = make_dmabufs(&buffers, regions, &mut 0).map_err(|e| match e {
-        Ok(reason) => Error::KernelBuilt { index: plan.runs[0].first(), reason },
-        Err(e) => e,
+    let mut memfd: Vec<Range<usize>> = Vec::new();
+    let mut bars: Vec<Range<usize>> = Vec::new();
+    for (i, run) in plan.runs.iter().enumerate() {
+        let fd = run.fd().ok_or(Error::KernelBuilt { index: run.first(), reason: KernelBuiltError::NotRegistered })?;
+        let state = regions.state(fd.region);
+        let (stretches, continues) = match (&state.kernel_built, state.vfio) {
+            (Ok(()), _) => (&mut memfd, true),
+            (Err(_), Some(vfio)) => {
+                // Same registration and region as the run before: one export.
+                let same = |r: usize| {
+                    let prev = plan.runs[r].fd().map(|f| f.region);
+                    prev.is_some_and(|p| {
+                        regions.spans()[p].id == regions.spans()[fd.region].id
+                            && regions.state(p).vfio.map(|v| v.index) == Some(vfio.index)
+                    })
+                };
+                let open = bars.last().is_some_and(|s| s.end == i && s.len() < VFIO_RANGES_PER_DMABUF && same(i - 1));
+                (&mut bars, open)
+            }
+            (Err(reason), None) => return Err(Error::KernelBuilt { index: run.first(), reason: *reason }),
+        };
+        match stretches.last_mut() {
+            Some(s) if s.end == i && continues => s.end = i + 1,
+            _ => stretches.push(i..i + 1),
+        }
+    }
+    let buffers = udmabuf::buffers(plan, &memfd, udmabuf::limits(), sys::page_size());
+    let fds = if buffers.is_empty() { Ok(Vec::new()) } else { make_dmabufs(&buffers, regions, &mut 0) }.map_err(
+        |e| match e {
+            Ok(reason) => Error::KernelBuilt { index: plan.runs[memfd[0].start].first(), reason },
+            Err(e) => e,
+        },
+    )?;
+    let mut out: Vec<DmaBuf> =
+        buffers.iter().zip(fds).map(|(b, fd)| DmaBuf { fd, offset: b.dst, len: b.len }).collect();
+    for stretch in bars {
+        out.push(export_bar_runs(plan, regions, stretch)?);
+    }
+    out.sort_by_key(|b| b.offset);
+    Ok(DmaBufs { buffers: out, lead: plan.lead, len: plan.len })
+}
+
+/// Ranges per vfio-pci dma-buf export, as udmabuf's default list limit.
+const VFIO_RANGES_PER_DMABUF: usize = 1024;
+
+/// Exports a stretch of runs of one vfio-pci region as one dma-buf.
+fn export_bar_runs(plan: &Plan, regions: &Regions, stretch: Range<usize>) -> Result<DmaBuf, Error> {
+    let runs = &plan.runs[stretch];
+    let first = runs[0].fd().expect("BAR runs have a registered fd");
+    let state = regions.state(first.region);
+    let vfio = state.vfio.expect("BAR runs lie in vfio regions");
+    let ranges: Vec<(u64, u64)> = runs
+        .iter()
+        .map(|r| (r.fd().expect("BAR runs have a registered fd").offset - vfio.offset, r.len() as u64))
+        .collect();
+    let device = state.fd().expect("mappable areas have an fd");
+    let fd = sys::vfio_dmabuf(device, vfio.index, &ranges).map_err(|source| match source.raw_os_error() {
+        // No such feature (before 6.19), a device without peer-to-peer DMA, ranges refused.
+        Some(errno @ (libc::ENOTTY | libc::EOPNOTSUPP | libc::EINVAL | libc::ENODEV)) => {
+            Error::KernelBuilt { index: runs[0].first(), reason: KernelBuiltError::BarExportRefused { errno } }
+        }
+        _ => Error::Os { op: Operation::VfioDmabuf, index: Some(runs[0].first()), source },
     })?;
-    let buffers = buffers.iter().zip(fds).map(|(b, fd)| DmaBuf { fd, offset: b.dst, len: b.len }).collect();
-    Ok(DmaBufs { buffers, lead: plan.lead, len: plan.len })
+    Ok(DmaBuf { fd, offset: runs[0].dst(), len: runs.iter().map(|r| r.len()).sum() })
 }
 
 /// Makes the dma-bufs of `buffers` (nothing mapped): one `UDMABUF_CREATE_LIST` each. A

@@ -195,11 +195,25 @@ pub(crate) struct RegionState {
     /// What is known about cloning the region's mapping ([`Clonability`] as stored by
     /// [`Clonability::to_raw`]), learned by any map call and kept for later ones.
     clone: AtomicI32,
+    /// For an area of a vfio-pci region: which region, for dma-buf export.
+    pub(crate) vfio: Option<VfioRegion>,
+}
+
+/// The vfio-pci region an area of a registration belongs to: its index and the fd offset
+/// of its first byte (`VfioRegionInfo::offset`), from which dma-buf ranges are counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct VfioRegion {
+    pub(crate) index: u32,
+    pub(crate) offset: u64,
 }
 
 impl RegionState {
-    pub(crate) fn new(fd: Option<OwnedFd>, kernel_built: Result<(), KernelBuiltError>) -> Self {
-        RegionState { fd, kernel_built, clone: AtomicI32::new(Clonability::Unknown.to_raw()) }
+    pub(crate) fn new(
+        fd: Option<OwnedFd>,
+        kernel_built: Result<(), KernelBuiltError>,
+        vfio: Option<VfioRegion>,
+    ) -> Self {
+        RegionState { fd, kernel_built, clone: AtomicI32::new(Clonability::Unknown.to_raw()), vfio }
     }
 
     /// The fd; the planner never gives a hole a run, so a hole has none to give.
@@ -316,7 +330,7 @@ mod tests {
     fn overlap_is_detected_on_either_side() {
         let mut r = Regions::new();
         let a = r.new_id();
-        r.insert(span(0x4000, 0x8000, a.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd)));
+        r.insert(span(0x4000, 0x8000, a.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd), None));
         assert!(r.overlapping(0x3000, 0x4001).is_some());
         assert!(r.overlapping(0x7fff, 0x9000).is_some());
         assert!(r.overlapping(0x5000, 0x6000).is_some());
@@ -324,7 +338,7 @@ mod tests {
         assert!(r.overlapping(0x3000, 0x4000).is_none());
         assert!(r.overlapping(0x8000, 0x9000).is_none());
         let b = r.new_id();
-        r.insert(span(0x1000, 0x2000, b.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd)));
+        r.insert(span(0x1000, 0x2000, b.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd), None));
         assert_eq!(r.spans()[0].start, 0x1000);
         assert_eq!(r.remove(RegionId(99)), 0);
         assert_eq!(r.remove(a), 1);
@@ -336,14 +350,14 @@ mod tests {
     fn a_registration_is_removed_whole_and_state_stays_beside_its_span() {
         let mut r = Regions::new();
         let bar = r.new_id();
-        r.insert(span(0x10000, 0x12000, bar.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd)));
+        r.insert(span(0x10000, 0x12000, bar.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd), None));
         r.insert(
             RegionSpan { mappable: false, ..span(0x12000, 0x13000, bar.0) },
-            RegionState::new(None, Err(KernelBuiltError::NotMemfd)),
+            RegionState::new(None, Err(KernelBuiltError::NotMemfd), None),
         );
-        r.insert(span(0x13000, 0x20000, bar.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd)));
+        r.insert(span(0x13000, 0x20000, bar.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd), None));
         let other = r.new_id();
-        r.insert(span(0x30000, 0x31000, other.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd)));
+        r.insert(span(0x30000, 0x31000, other.0), RegionState::new(fd(), Err(KernelBuiltError::NotMemfd), None));
         r.state(3).learn(Clonability::Refused(libc::EFAULT));
         assert_eq!(r.remove(bar), 3);
         assert_eq!(r.spans().iter().map(|s| s.start).collect::<Vec<_>>(), [0x30000]);

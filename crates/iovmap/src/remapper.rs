@@ -6,7 +6,7 @@ use crate::dmabuf::DmaBufs;
 use crate::error::{Error, Operation, RegionContext, RegionError};
 use crate::options::{MapOptions, Placement};
 use crate::plan::{self, Plan, VmaSource};
-use crate::regions::{FileId, RegionId, RegionSpan, RegionState, Regions};
+use crate::regions::{FileId, RegionId, RegionSpan, RegionState, Regions, VfioRegion};
 use crate::udmabuf::{self, KernelBuiltError};
 use crate::view::View;
 use crate::vma::ProcessVmas;
@@ -165,7 +165,7 @@ impl Remapper {
         let context = RegionContext::Register;
         let span =
             self.check_region(addr as usize, len, fd, offset, &mut ProcessVmas::new(), anon_file_id(), context)?;
-        self.commit(&[(span, Some(fd))], context)
+        self.commit(&[(span, Some(fd))], context, None)
     }
 
     /// Validates a registration and returns its span (with a placeholder id: `commit`
@@ -258,6 +258,7 @@ impl Remapper {
         &mut self,
         spans: &[(RegionSpan, Option<BorrowedFd<'_>>)],
         context: RegionContext,
+        vfio: Option<VfioRegion>,
     ) -> Result<RegionId, Error> {
         let invalid = |s: &RegionSpan, kind: RegionError| Error::InvalidRegion {
             addr: s.start,
@@ -281,7 +282,7 @@ impl Remapper {
                 Some(fd) => udmabuf::eligibility(*fd),
                 None => Err(KernelBuiltError::NotMemfd),
             };
-            states.push(RegionState::new(dup, kernel_built));
+            states.push(RegionState::new(dup, kernel_built, vfio));
         }
         let id = self.regions.new_id();
         for ((span, _), state) in spans.iter().zip(states) {
@@ -381,13 +382,16 @@ impl Remapper {
         map_in(iovs, &self.regions, opts)
     }
 
-    /// Builds the dma-bufs of `iovs` through udmabuf, with no CPU mapping: for VMMs that
-    /// only pass guest memory on (to a GPU, a display, a video encoder). Every segment must
-    /// lie in a registered memfd udmabuf takes (F_SEAL_SHRINK set, F_SEAL_WRITE not),
-    /// mapped writable (an importer may write the buffer). A list that fits one buffer
-    /// (udmabuf's `list_limit` entries, `size_limit_mb`) gives one dma-buf; longer lists
-    /// give several, in list order. The caller owns them: the kernel keeps their pages
-    /// pinned until the last fd and mapping of each is gone.
+    /// Builds the dma-bufs of `iovs`, with no CPU mapping: for VMMs that only pass guest
+    /// memory on (to a GPU, a display, a video encoder, a peer device). Every segment must
+    /// lie in a registered memfd udmabuf takes (F_SEAL_SHRINK set, F_SEAL_WRITE not), or
+    /// in a vfio-pci region registered with `register_vfio_region(_info)`, whose runs
+    /// vfio-pci exports (`VFIO_DEVICE_FEATURE_DMA_BUF`, Linux 6.19+, for peer-to-peer
+    /// importers); all mapped writable (an importer may write the buffer). Consecutive
+    /// memfd runs share udmabuf buffers (`list_limit` entries, `size_limit_mb`), consecutive
+    /// runs of one BAR share an export (up to 1,024 ranges); the dma-bufs come in list
+    /// order, so a list that fits one buffer gives one. The caller owns them: the kernel
+    /// keeps their pages pinned until the last fd and mapping of each is gone.
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -405,9 +409,10 @@ impl Remapper {
     /// ```
     ///
     /// # Errors
-    /// [`Error::KernelBuilt`] naming the first segment udmabuf cannot take and why (not
-    /// registered, not a memfd, not sealed, no `/dev/udmabuf`, refused), and the planning
-    /// errors of [`Remapper::map_with`]. Nothing is left open.
+    /// [`Error::KernelBuilt`] naming the first segment that cannot be made a dma-buf and
+    /// why (not registered, not a memfd, not sealed, no `/dev/udmabuf`, refused; a BAR
+    /// vfio-pci will not export), and the planning errors of [`Remapper::map_with`].
+    /// Nothing is left open.
     pub fn dmabufs(&self, iovs: &[libc::iovec]) -> Result<DmaBufs, Error> {
         let plan = plan_for(iovs, &self.regions, Placement::KernelBuilt)?;
         place::dmabufs_of(&plan, &self.regions)

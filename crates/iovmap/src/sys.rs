@@ -257,6 +257,36 @@ pub(crate) fn udmabuf_create_list(dev: BorrowedFd<'_>, items: &[UdmabufItem]) ->
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `VFIO_DEVICE_FEATURE`: `_IO(VFIO_TYPE, VFIO_BASE + 17)`.
+const VFIO_DEVICE_FEATURE: libc::c_ulong = 0x3b75;
+/// `VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF` (feature 11, Linux 6.19+).
+const VFIO_GET_DMA_BUF: u32 = (1 << 16) | 11;
+
+/// Exports `ranges` (offset in the region, length) of vfio-pci region `index` of `device`
+/// as one dma-buf, read-write and close-on-exec: `ioctl(device, VFIO_DEVICE_FEATURE)`
+/// with `VFIO_DEVICE_FEATURE_DMA_BUF`. The dma-buf is for peer-to-peer importers: vfio
+/// gives it no CPU mapping.
+pub(crate) fn vfio_dmabuf(device: BorrowedFd<'_>, index: u32, ranges: &[(u64, u64)]) -> io::Result<OwnedFd> {
+    inject(Operation::VfioDmabuf, NOWHERE)?;
+    let count = u32::try_from(ranges.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let argsz = u32::try_from(24 + 16 * ranges.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    // struct vfio_device_feature (argsz, flags), then struct vfio_device_feature_dma_buf
+    // (region_index, open_flags, flags, nr_ranges) and its ranges (offset, length).
+    let mut buf = Vec::with_capacity(argsz as usize);
+    for word in [argsz, VFIO_GET_DMA_BUF, index, (libc::O_RDWR | libc::O_CLOEXEC) as u32, 0, count] {
+        buf.extend_from_slice(&word.to_ne_bytes());
+    }
+    for &(offset, len) in ranges {
+        buf.extend_from_slice(&offset.to_ne_bytes());
+        buf.extend_from_slice(&len.to_ne_bytes());
+    }
+    // SAFETY: `buf` is `argsz` bytes laid out as the kernel reads them (copy_from_user,
+    // no alignment needed); it is only read.
+    let fd = check_int(unsafe { libc::ioctl(device.as_raw_fd(), VFIO_DEVICE_FEATURE, buf.as_ptr()) })?;
+    // SAFETY: the ioctl returned a fresh dma-buf descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Maps `len` bytes of a dma-buf from its start at exactly `dst`, MAP_SHARED.
 ///
 /// # Safety

@@ -74,6 +74,17 @@ pub enum KernelBuiltError {
         /// The errno of the ioctl.
         errno: i32,
     },
+    /// vfio-pci will not export the BAR's ranges as a dma-buf (only
+    /// [`Remapper::dmabufs`](crate::Remapper::dmabufs) exports BAR runs).
+    #[error(
+        "vfio-pci will not export this BAR as a dma-buf (VFIO_DEVICE_FEATURE_DMA_BUF: {}); the export needs Linux \
+         6.19+ and a device whose BARs support peer-to-peer DMA",
+        std::io::Error::from_raw_os_error(*errno)
+    )]
+    BarExportRefused {
+        /// The errno of the ioctl.
+        errno: i32,
+    },
 }
 
 /// Whether udmabuf takes ranges of a registered fd, from its seals: what registration

@@ -11,7 +11,7 @@
 use std::os::fd::{AsFd, BorrowedFd};
 
 use crate::error::{Error, RegionContext, RegionError};
-use crate::regions::{RegionId, RegionSpan};
+use crate::regions::{RegionId, RegionSpan, VfioRegion};
 use crate::remapper::Remapper;
 use crate::vma::ProcessVmas;
 
@@ -261,7 +261,7 @@ impl Remapper {
             let last = spans.last().expect("at least one area").0;
             spans.push((hole(base, cursor, info.size, last), None));
         }
-        self.commit(&spans, context)
+        self.commit(&spans, context, Some(VfioRegion { index: info.index, offset: info.offset }))
     }
 
     /// Registers BAR `index` of `device`, which the VMM has mmapped at `addr` (the whole

@@ -139,6 +139,27 @@ fn error_paths_leave_nothing_behind() {
         }
         before.assert_unchanged(&format!("populate past the end of the file (emulating 5.13: {old_kernel})"));
     }
+    // dma-bufs of BAR runs vfio-pci will not export (a perf ring registered as a vfio
+    // region: no VFIO_DEVICE_FEATURE, ENOTTY), after a memfd run: nothing stays open.
+    if let Some(ring) = &ring {
+        let sealed = GuestRam::sealed(4 * page()).unwrap();
+        let info = VfioRegionInfo {
+            index: 2,
+            flags: VFIO_REGION_INFO_FLAG_MMAP | iovmap::vfio::VFIO_REGION_INFO_FLAG_READ,
+            size: ring.map.len() as u64,
+            offset: 0,
+            sparse_areas: None,
+        };
+        let mut bars = Remapper::new();
+        bars.register_vfio_region_info(ring.fd(), &info, ring.map.ptr()).unwrap();
+        bars.register(sealed.ptr(), sealed.len(), sealed.fd(), 0).unwrap();
+        let before = Counts::now();
+        let e = bars.dmabufs(&[sealed.iov(0, page()), ring.map.iov(0, page())]).unwrap_err();
+        // With udmabuf, the memfd's dma-buf is made first and closed again.
+        let at = if kit::udmabuf().is_ok() { 1 } else { 0 };
+        assert!(matches!(e, Error::KernelBuilt { index, .. } if index == at), "{e:?}");
+        before.assert_unchanged("dma-bufs of a BAR run that is not exported");
+    }
 }
 
 /// A registration that must fail, and how.

@@ -10,7 +10,7 @@ use std::os::fd::AsFd;
 use iovmap::vfio::{
     VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VfioRegionInfo,
 };
-use iovmap::{Error, Remapper};
+use iovmap::{Error, KernelBuiltError, Remapper};
 use iovmap_testkit::{self as kit, BpfArray, GuestRam, Mapping, PerfRing, skip};
 
 const MMAP_RW: u32 = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE | VFIO_REGION_INFO_FLAG_MMAP;
@@ -125,4 +125,37 @@ fn a_region_without_the_mmap_flag_or_with_an_unmapped_area_registers_nothing() {
     assert_eq!(r.regions().count(), 0);
     // A plain register of the first area still works: the table was left clean.
     r.register(ram.ptr(), 4 * page(), ram.fd().as_fd(), 0).unwrap();
+}
+
+#[test]
+fn dma_bufs_of_bar_runs_are_vfio_pci_exports() {
+    let ring = match PerfRing::new(4) {
+        Ok(r) => r,
+        Err(e) => skip!("{e}"),
+    };
+    let info = VfioRegionInfo { index: 2, flags: MMAP_RW, size: ring.map.len() as u64, offset: 0, sparse_areas: None };
+    let mut r = Remapper::new();
+    r.register_vfio_region_info(ring.fd(), &info, ring.map.ptr()).unwrap();
+    // A perf event fd has no VFIO_DEVICE_FEATURE: the export is refused (ENOTTY), naming
+    // the first BAR segment, as on a kernel before 6.19 (the guests of the kernel matrix
+    // export a real BAR: crates/iovmap-vmtest).
+    let ram = GuestRam::new(2 * page()).unwrap();
+    let list = [ring.map.iov(0, page()), ring.map.iov(2 * page(), page())];
+    let e = r.dmabufs(&list).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::KernelBuilt { index: 0, reason: KernelBuiltError::BarExportRefused { errno: libc::ENOTTY } }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("VFIO_DEVICE_FEATURE_DMA_BUF"), "{e}");
+    // Memory that is neither a registered memfd nor a vfio region names its segment.
+    let e = r.dmabufs(&[list[0], ram.iov(0, page())]).unwrap_err();
+    assert!(matches!(e, Error::KernelBuilt { index: 1, reason: KernelBuiltError::NotRegistered }), "{e:?}");
+    // A perf ring registered plainly is device memory but no vfio region: not exportable.
+    let mut plain = Remapper::new();
+    plain.register(ring.map.ptr(), ring.map.len(), ring.fd(), 0).unwrap();
+    let e = plain.dmabufs(&list).unwrap_err();
+    assert!(matches!(e, Error::KernelBuilt { index: 0, reason: KernelBuiltError::NotMemfd }), "{e:?}");
 }

@@ -4,6 +4,7 @@
 //! scenarios (`stress`), and the BAR's final image, which `host-check` reads on the host.
 
 mod cost;
+mod dmabufs;
 mod kernel;
 mod nvme;
 mod probe;
@@ -165,6 +166,7 @@ impl Guest {
         self.later_view(&remapper, c);
         self.read_only_view(&remapper, c);
         self.fragmented_view(&remapper, c);
+        self.bar_dmabufs(&remapper, c);
         self.unregister(&mut remapper, c);
         drop(remapper);
         let after = (mem::vma_count().unwrap_or(0), mem::fd_count().unwrap_or(0));
