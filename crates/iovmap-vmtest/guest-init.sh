@@ -69,6 +69,7 @@ if [ -n "$(ls /suite 2>/dev/null)" ]; then
   echo $(arg max_map_count) >/proc/sys/vm/max_map_count
   echo "INIT: suite with vm.max_map_count $(cat /proc/sys/vm/max_map_count), $(cat /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages 2>/dev/null || echo 0) huge pages of 2 MiB"
   mount -t tmpfs tmpfs /tmp && cd /tmp
+  export IOVMAP_FUZZ_DIR=/fuzz # the corpora the harness copied (replay tests)
   for t in /suite/*; do
     echo "INIT: suite $(basename $t) starts at $(up) s"
     RUST_BACKTRACE=1 $t --test-threads=2 >/tmp/suite.out 2>&1

@@ -283,10 +283,12 @@ vm_initramfs() {
   while IFS=$'\t' read -r m f; do
     cp "$f" "$r/suite/$m" || { VM_WHY="cannot copy test binary $f"; return 1; }
   done <"$suite"
-  # The fuzz targets' replay tests read the corpora at the path they were built at.
+  # The fuzz targets' replay tests read the corpora from $IOVMAP_FUZZ_DIR, which
+  # guest-init.sh sets to /fuzz: the path of the build may not exist in the guest (a
+  # clone under /tmp is hidden by the guest's tmpfs there).
   if grep -q '^replay' "$suite"; then
-    mkdir -p "$r$ROOT/fuzz" "$r$ROOT/crates/iovmap-fuzz-targets"
-    cp -r "$ROOT/fuzz/corpus" "$ROOT/fuzz/regressions" "$r$ROOT/fuzz/" || { VM_WHY="cannot copy the fuzz corpora"; return 1; }
+    mkdir -p "$r/fuzz"
+    cp -r "$ROOT/fuzz/corpus" "$ROOT/fuzz/regressions" "$r/fuzz/" || { VM_WHY="cannot copy the fuzz corpora"; return 1; }
   fi
 
   VM_MOD_INDEX=$dir/modules.index

@@ -17,6 +17,23 @@ pub mod run;
 pub mod view_target;
 
 pub use maps_target::maps;
+
+use std::path::PathBuf;
+
+/// The folder holding the committed corpora and regressions (`corpus/<target>`,
+/// `regressions/<target>`): `$IOVMAP_FUZZ_DIR` where set (the guest test copies them to
+/// a fixed place, since the path of the build may not exist there), the repository's
+/// `fuzz/` otherwise.
+///
+/// ```
+/// assert!(iovmap_fuzz_targets::fuzz_dir().ends_with("fuzz") || std::env::var_os("IOVMAP_FUZZ_DIR").is_some());
+/// ```
+pub fn fuzz_dir() -> PathBuf {
+    match std::env::var_os("IOVMAP_FUZZ_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz")),
+    }
+}
 pub use plan_target::plan;
 #[cfg(feature = "fault-injection")]
 pub use view_target::view;

@@ -4,17 +4,14 @@
 //! found, rebuilt by hand, with what the library does about it. (The `view` target
 //! counts process-wide VMAs and fds and replays in `tests/replay_view.rs`, alone.)
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use iovmap::plan::{FileId, RegionSpan, Vma};
+use iovmap_fuzz_targets::fuzz_dir;
 use iovmap_fuzz_targets::model;
 use iovmap_fuzz_targets::plan_target::World;
 
 const P: usize = 0x1000;
-
-fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz")
-}
 
 /// Runs `target` over every file of the corpus and regressions of `name`; returns how
 /// many files there were. A failing file is named.

@@ -25,7 +25,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+    let root = iovmap_fuzz_targets::fuzz_dir();
     let args: Vec<PathBuf> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).map(PathBuf::from).collect();
     let dirs = if args.is_empty() { vec![root.join("corpus/view"), root.join("regressions/view")] } else { args };
     let world = iovmap_fuzz_targets::view_target::world();
