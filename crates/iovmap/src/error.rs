@@ -484,6 +484,34 @@ pub enum RegionError {
     },
 }
 
+/// The segment index an error names, as `Option<&usize>` (`as_ref`) or
+/// `Option<&mut usize>` (`as_mut`): the one list of the variants that name a segment,
+/// for [`Error::index`] and `Error::map_index`, exhaustive so that a new variant must say.
+macro_rules! segment_index {
+    ($error:expr, $as:ident) => {
+        match $error {
+            Error::Unaligned { index, .. }
+            | Error::NotMapped { index }
+            | Error::NotShareable { index }
+            | Error::NoFallback { index, .. }
+            | Error::Sealed { index }
+            | Error::NotWritable { index }
+            | Error::ExceedsSource { index, .. }
+            | Error::KernelBuilt { index, .. }
+            | Error::DeviceHole { index }
+            | Error::SourceChanged { index }
+            | Error::StaleRegion { index, .. }
+            | Error::NotInGuestMemory { index } => Some(index),
+            Error::Os { index, .. } => index.$as(),
+            Error::Empty
+            | Error::TooLarge
+            | Error::TooManyMappings { .. }
+            | Error::InvalidRegion { .. }
+            | Error::NotRegistered { .. } => None,
+        }
+    };
+}
+
 impl Error {
     /// The index of the segment the error names, if it names one.
     ///
@@ -493,26 +521,7 @@ impl Error {
     /// assert_eq!(iovmap::Error::Empty.index(), None);
     /// ```
     pub fn index(&self) -> Option<usize> {
-        match self {
-            Error::Unaligned { index, .. }
-            | Error::NotMapped { index }
-            | Error::NotShareable { index }
-            | Error::NoFallback { index, .. }
-            | Error::Sealed { index }
-            | Error::NotWritable { index }
-            | Error::ExceedsSource { index, .. }
-            | Error::KernelBuilt { index, .. }
-            | Error::DeviceHole { index }
-            | Error::SourceChanged { index }
-            | Error::StaleRegion { index, .. }
-            | Error::NotInGuestMemory { index } => Some(*index),
-            Error::Os { index, .. } => *index,
-            Error::Empty
-            | Error::TooLarge
-            | Error::TooManyMappings { .. }
-            | Error::InvalidRegion { .. }
-            | Error::NotRegistered { .. } => None,
-        }
+        segment_index!(self, as_ref).copied()
     }
 
     /// The same error, with the segment index it names passed through `f`: adapters
@@ -520,21 +529,8 @@ impl Error {
     /// the caller's list.
     #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))]
     pub(crate) fn map_index(mut self, f: impl FnOnce(usize) -> usize) -> Error {
-        match &mut self {
-            Error::Unaligned { index, .. }
-            | Error::NotMapped { index }
-            | Error::NotShareable { index }
-            | Error::NoFallback { index, .. }
-            | Error::Sealed { index }
-            | Error::NotWritable { index }
-            | Error::ExceedsSource { index, .. }
-            | Error::KernelBuilt { index, .. }
-            | Error::DeviceHole { index }
-            | Error::SourceChanged { index }
-            | Error::StaleRegion { index, .. }
-            | Error::NotInGuestMemory { index }
-            | Error::Os { index: Some(index), .. } => *index = f(*index),
-            _ => {}
+        if let Some(index) = segment_index!(&mut self, as_mut) {
+            *index = f(*index);
         }
         self
     }
