@@ -363,8 +363,8 @@ impl Placer<'_> {
     fn kernel_build(&mut self, plan: &Plan, kernel: &[Range<usize>]) -> Result<(), Result<KernelBuiltError, Error>> {
         let buffers = udmabuf::buffers(plan, kernel, udmabuf::limits(), sys::page_size());
         let fds = make_dmabufs(&buffers, self.regions, &mut self.stats.syscalls)?;
+        let index = Some(plan.runs[kernel[0].start].first());
         for (b, fd) in buffers.iter().zip(fds) {
-            let index = Some(plan.runs[kernel[0].start].first());
             let dst = self.reservation.slot(b.dst, b.len).ok_or(Err(Error::TooLarge))?;
             self.stats.syscalls += 1;
             // SAFETY: `dst` comes from `Reservation::slot`, which checked that
