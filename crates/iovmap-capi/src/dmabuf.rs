@@ -52,6 +52,15 @@ pub struct IovmapKernelBuilt {
     pub declined_errno: i32,
 }
 
+/// `index`, if it names one of the `count` dma-bufs of `whose` ("the view", "the list").
+fn in_range(f: &'static str, index: usize, count: usize, whose: &str) -> Result<usize, Failure> {
+    if index < count {
+        Ok(index)
+    } else {
+        Err(Failure::argument(f, format!("index {index} is out of range: {whose} has {count} dma-bufs")))
+    }
+}
+
 fn to_c(buf: &DmaBuf) -> IovmapDmabuf {
     IovmapDmabuf { fd: buf.fd().as_raw_fd(), offset: buf.offset() as u64, len: buf.len() as u64 }
 }
@@ -86,10 +95,7 @@ pub unsafe extern "C" fn iovmap_view_dmabuf(v: *const IovmapView, index: usize, 
         // SAFETY: `out` is NULL or writable (contract).
         let out = unsafe { out.as_mut() }.ok_or_else(|| Failure::argument(F, "out is NULL"))?;
         let bufs = v.inner.dmabufs();
-        let buf = bufs.get(index).ok_or_else(|| {
-            Failure::argument(F, format!("index {index} is out of range: the view has {} dma-bufs", bufs.len()))
-        })?;
-        *out = to_c(buf);
+        *out = to_c(&bufs[in_range(F, index, bufs.len(), "the view")?]);
         Ok(())
     })
 }
@@ -223,9 +229,7 @@ pub unsafe extern "C" fn iovmap_dmabufs_get(l: *const IovmapDmabufs, index: usiz
         let l = unsafe { l.as_ref() }.ok_or_else(|| Failure::argument(F, "the list is NULL"))?;
         // SAFETY: `out` is NULL or writable (contract).
         let out = unsafe { out.as_mut() }.ok_or_else(|| Failure::argument(F, "out is NULL"))?;
-        let slot = l.buffers.get(index).ok_or_else(|| {
-            Failure::argument(F, format!("index {index} is out of range: the list has {} dma-bufs", l.buffers.len()))
-        })?;
+        let slot = &l.buffers[in_range(F, index, l.buffers.len(), "the list")?];
         *out = slot.as_ref().map_or(IovmapDmabuf { fd: -1, ..IovmapDmabuf::default() }, to_c);
         Ok(())
     })
@@ -244,10 +248,8 @@ pub unsafe extern "C" fn iovmap_dmabufs_take(l: *mut IovmapDmabufs, index: usize
     let rc = guard(F, || {
         // SAFETY: `l` is NULL or a live list used by nobody else meanwhile (contract).
         let l = unsafe { l.as_mut() }.ok_or_else(|| Failure::argument(F, "the list is NULL"))?;
-        let count = l.buffers.len();
-        let slot = l.buffers.get_mut(index).ok_or_else(|| {
-            Failure::argument(F, format!("index {index} is out of range: the list has {count} dma-bufs"))
-        })?;
+        let index = in_range(F, index, l.buffers.len(), "the list")?;
+        let slot = &mut l.buffers[index];
         let buf = slot.take().ok_or_else(|| Failure::argument(F, format!("dma-buf {index} was taken already")))?;
         fd = buf.into_fd().into_raw_fd();
         Ok(())
