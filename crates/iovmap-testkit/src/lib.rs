@@ -18,6 +18,7 @@ use memmap2::{MmapOptions, MmapRaw};
 
 mod counts;
 mod kernel_objects;
+pub mod monitor;
 pub mod workloads;
 
 pub use counts::{Counts, count_fds, count_vmas, has_procmap_query, process_lock, run_counting_checks, vma_flags};
@@ -105,6 +106,12 @@ pub unsafe fn fill(ptr: *mut u8, len: usize, seed: u64, base_offset: usize) {
     for (j, b) in s[tail..].iter_mut().enumerate() {
         *b = pattern(seed, base_offset + tail + j);
     }
+}
+
+/// Fills `buf` with `pattern(seed, base_offset + i)`.
+pub fn fill_slice(buf: &mut [u8], seed: u64, base_offset: usize) {
+    // SAFETY: `buf` is writable for its length and borrowed exclusively.
+    unsafe { fill(buf.as_mut_ptr(), buf.len(), seed, base_offset) }
 }
 
 /// The 8 pattern bytes at `offset` (a multiple of 8), as a little-endian word.

@@ -58,6 +58,11 @@ pub enum Operation {
     /// Exporting ranges of a vfio-pci BAR as one dma-buf
     /// (`ioctl(VFIO_DEVICE_FEATURE_DMA_BUF)`, Linux 6.19+), for [`Remapper::dmabufs`](crate::Remapper::dmabufs).
     VfioDmabuf,
+    /// Faulting in the pages of a source range armed with a userfaultfd (MISSING or
+    /// MINOR), through the source mapping, so that its monitor places or approves them
+    /// before any view exists (`madvise(MADV_POPULATE_READ)`; see
+    /// [`userfaultfd`](crate::userfaultfd)).
+    FaultInArmed,
 }
 
 impl Operation {
@@ -67,7 +72,7 @@ impl Operation {
     /// assert!(iovmap::Operation::ALL.contains(&iovmap::Operation::FdMap));
     /// ```
     #[cfg(feature = "fault-injection")]
-    pub const ALL: [Operation; 17] = [
+    pub const ALL: [Operation; 18] = [
         Operation::Reserve,
         Operation::Trim,
         Operation::Clone,
@@ -85,6 +90,7 @@ impl Operation {
         Operation::UdmabufCreate,
         Operation::DmabufMap,
         Operation::VfioDmabuf,
+        Operation::FaultInArmed,
     ];
 }
 
@@ -110,6 +116,9 @@ impl fmt::Display for Operation {
             Operation::UdmabufCreate => "ioctl(UDMABUF_CREATE_LIST)",
             Operation::DmabufMap => "mmap of a dma-buf",
             Operation::VfioDmabuf => "ioctl(VFIO_DEVICE_FEATURE_DMA_BUF)",
+            Operation::FaultInArmed => {
+                "faulting in userfaultfd-armed source pages for their monitor (madvise(MADV_POPULATE_READ) on the source)"
+            }
         })
     }
 }
@@ -325,6 +334,21 @@ pub enum Error {
         index: usize,
     },
 
+    /// A view that can write was asked of memory a userfaultfd monitor write-protects (a
+    /// live snapshot is being taken): writes through the view would bypass the monitor and
+    /// be missing from the snapshot. Read-write views and dma-bufs (an importer may write
+    /// them) are refused; read-only views are built.
+    #[error(
+        "segment {index} lies in guest memory a userfaultfd monitor write-protects (a live snapshot is \
+         being taken), and writes through a view would not reach the monitor: map it with \
+         Access::ReadOnly, or make the read-write view after the snapshot ends (userfaultfd::unregister \
+         or declare_disarmed)"
+    )]
+    WriteProtected {
+        /// Index of the first segment in a write-protected range.
+        index: usize,
+    },
+
     /// A system call failed for a reason none of the other variants covers.
     #[error("{op} failed{}: {source}", index.map(|i| format!(" for segment {i}")).unwrap_or_default())]
     Os {
@@ -501,7 +525,8 @@ macro_rules! segment_index {
             | Error::DeviceHole { index }
             | Error::SourceChanged { index }
             | Error::StaleRegion { index, .. }
-            | Error::NotInGuestMemory { index } => Some(index),
+            | Error::NotInGuestMemory { index }
+            | Error::WriteProtected { index } => Some(index),
             Error::Os { index, .. } => index.$as(),
             Error::Empty
             | Error::TooLarge

@@ -80,6 +80,7 @@ mod reservation;
 mod strategy;
 mod sys;
 mod udmabuf;
+pub mod userfaultfd;
 pub mod vfio;
 mod view;
 mod vma;

@@ -1,7 +1,10 @@
 //! The mapping loop: turns a [`Plan`] into a [`View`].
 //!
 //! 1. Refuse a view that would grant more than its sources (a read-write view of a
-//!    read-only mapping), unless asked for.
+//!    read-only mapping), unless asked for. Then the userfaultfd guard
+//!    (`userfaultfd.rs`): refuse a view that can write over memory a monitor
+//!    write-protects, and have the monitor place or approve every page of the list it
+//!    owns (MISSING, MINOR) before anything is mapped.
 //! 2. Check the room under vm.max_map_count (large views; see `headroom`).
 //! 3. Reserve the view's range, aligned for its largest page size.
 //! 4. Give the kernel the stretches of runs it builds (udmabuf, `udmabuf.rs`): all of
@@ -43,13 +46,14 @@ use crate::dmabuf::{DmaBuf, DmaBufs};
 use crate::error::{Error, Operation};
 use crate::headroom;
 use crate::holes::{self, probe_clone};
-use crate::options::{MapOptions, Placement};
+use crate::options::{Access, MapOptions, Placement};
 use crate::plan::{FdSource, Plan, Run};
 use crate::regions::{RegionState, Regions};
 use crate::reservation::Reservation;
 use crate::strategy::{Clonability, Strategy, is_refusal, strategy};
 use crate::sys;
 use crate::udmabuf::{self, KernelBuiltError};
+use crate::userfaultfd;
 use crate::view::{MapStats, View};
 use crate::vma;
 
@@ -68,9 +72,10 @@ enum Placed {
     KernelBuilt,
 }
 
-/// Builds the view `plan` describes.
-pub(crate) fn build(plan: &Plan, regions: &Regions, opts: MapOptions) -> Result<View, Error> {
+/// Builds the view `plan` (of `iovs`) describes.
+pub(crate) fn build(plan: &Plan, iovs: &[libc::iovec], regions: &Regions, opts: MapOptions) -> Result<View, Error> {
     check_access(plan, opts)?;
+    let resolved = userfaultfd::guard(iovs, opts.access() == Access::ReadWrite)?;
     let kernel = kernel_built_stretches(plan, regions, opts.placement())?;
     let runs = plan.runs.len();
     headroom::check(runs)?;
@@ -89,7 +94,7 @@ pub(crate) fn build(plan: &Plan, regions: &Regions, opts: MapOptions) -> Result<
         probed: BTreeMap::new(),
         placed: Vec::with_capacity(runs),
         dmabufs: Vec::new(),
-        stats: MapStats { segments: plan.segments, runs, ..MapStats::default() },
+        stats: MapStats { segments: plan.segments, runs, monitor_resolved: resolved, ..MapStats::default() },
     };
     match placer.fill(plan, opts, &kernel) {
         Ok(()) => {
@@ -135,8 +140,10 @@ fn kernel_built_stretches(plan: &Plan, regions: &Regions, placement: Placement) 
 /// registered vfio-pci region (exported by vfio-pci, `VFIO_DEVICE_FEATURE_DMA_BUF`);
 /// since an importer may write a dma-buf, every source must be writable. Consecutive runs
 /// of one kind (and, for BARs, of one region) share dma-bufs; the result is in list order.
-pub(crate) fn dmabufs_of(plan: &Plan, regions: &Regions) -> Result<DmaBufs, Error> {
+pub(crate) fn dmabufs_of(plan: &Plan, iovs: &[libc::iovec], regions: &Regions) -> Result<DmaBufs, Error> {
     check_access(plan, MapOptions::new())?;
+    // An importer may write a dma-buf.
+    userfaultfd::guard(iovs, true)?;
     let mut memfd: Vec<Range<usize>> = Vec::new();
     let mut bars: Vec<Range<usize>> = Vec::new();
     for (i, run) in plan.runs.iter().enumerate() {

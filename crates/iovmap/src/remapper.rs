@@ -415,7 +415,7 @@ impl Remapper {
     /// Nothing is left open.
     pub fn dmabufs(&self, iovs: &[libc::iovec]) -> Result<DmaBufs, Error> {
         let plan = plan_for(iovs, &self.regions, Placement::KernelBuilt)?;
-        place::dmabufs_of(&plan, &self.regions)
+        place::dmabufs_of(&plan, iovs, &self.regions)
     }
 
     /// Plans a view of `iovs` without mapping anything: the runs it would take, which
@@ -466,7 +466,7 @@ pub fn map(iovs: &[libc::iovec]) -> Result<View, Error> {
 
 fn map_in(iovs: &[libc::iovec], regions: &Regions, opts: MapOptions) -> Result<View, Error> {
     let plan = plan_for(iovs, regions, opts.placement())?;
-    place::build(&plan, regions, opts)
+    place::build(&plan, iovs, regions, opts)
 }
 
 /// Plans `iovs` for a placement policy. A kernel-built view lays runs of memfds udmabuf

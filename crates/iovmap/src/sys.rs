@@ -393,6 +393,52 @@ pub(crate) fn populate(addr: NonNull<u8>, len: usize, write: bool) -> io::Result
     }
 }
 
+/// Faults in `[addr, addr + len)` of a source mapping registered with a userfaultfd
+/// (MISSING or MINOR), so that its monitor places or approves every page: the same
+/// prefaulting as [`populate`], read-only, through the registered mapping itself. Blocks
+/// until the monitor has resolved every fault. Touches no mapping and changes no bytes.
+pub(crate) fn fault_in_armed(addr: usize, len: usize) -> io::Result<()> {
+    inject(Operation::FaultInArmed, NOWHERE)?;
+    let at = NonNull::new(addr as *mut u8).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+    match madvise_populate(at.as_ptr(), len, libc::MADV_POPULATE_READ) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !populate_advice_exists() => prefault_by_reading(at, len),
+        other => other,
+    }
+}
+
+/// `struct uffdio_range` and `struct uffdio_register` of `<linux/userfaultfd.h>`.
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+
+/// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
+const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+/// `_IOR(0xAA, 0x01, struct uffdio_range)`.
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
+const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
+
+/// `ioctl(uffd, UFFDIO_REGISTER)` of `[start, start + len)` in `mode`
+/// (`UFFDIO_REGISTER_MODE_*`); returns the ioctls the kernel allows on the range.
+pub(crate) fn uffd_register(uffd: BorrowedFd<'_>, start: usize, len: usize, mode: u64) -> io::Result<u64> {
+    let mut r = UffdioRegister { start: start as u64, len: len as u64, mode, ioctls: 0 };
+    // SAFETY: `r` is a correctly sized and initialised struct uffdio_register (checked by
+    // the size assertion above); the kernel writes only its `ioctls` field. Registering
+    // changes no mapping's contents: faults in the range go to the userfaultfd.
+    check_int(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut r as *mut UffdioRegister) })?;
+    Ok(r.ioctls)
+}
+
+/// `ioctl(uffd, UFFDIO_UNREGISTER)` of `[start, start + len)`.
+pub(crate) fn uffd_unregister(uffd: BorrowedFd<'_>, start: usize, len: usize) -> io::Result<()> {
+    let range = [start as u64, len as u64];
+    // SAFETY: `range` is a struct uffdio_range (two u64), which the kernel only reads.
+    check_int(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_UNREGISTER, range.as_ptr()) }).map(drop)
+}
+
 /// Whether this kernel knows MADV_POPULATE_READ (Linux 5.14+): it validates the advice
 /// before the range, and an empty range is then a success.
 fn populate_advice_exists() -> bool {

@@ -46,6 +46,10 @@ pub struct MapStats {
     /// Why automatic placement did not give runs it would have to udmabuf (the device is
     /// missing, or refused them); `None` when it did, or had nothing for it.
     pub kernel_built_declined: Option<crate::KernelBuiltError>,
+    /// Bytes of the list's source that lay in ranges armed with a userfaultfd (MISSING or
+    /// MINOR, see [`userfaultfd`](crate::userfaultfd)) and were faulted in through the
+    /// source, waiting for the monitor, before anything was mapped. 0 when nothing armed.
+    pub monitor_resolved: usize,
 }
 
 /// One contiguous mapping of all the pieces of a list. Dropping it unmaps all of it.
