@@ -38,6 +38,10 @@ fn main() {
         ("hole_kernels_never_clobber_or_unmap_a_foreign_mapping", hole_kernels_never_clobber),
         ("hole_kernels_roll_back_a_refusal_at_every_clone", hole_kernels_refusal_sweep),
         ("kernel_built_refusals_fall_back_or_fail_cleanly", kernel_built_refusals_fall_back_or_fail_cleanly),
+        (
+            "userfaultfd_refusals_and_failures_leave_nothing_behind",
+            userfaultfd_refusals_and_failures_leave_nothing_behind,
+        ),
     ];
     kit::run_counting_checks("leaks", checks, warm_up);
 }
@@ -796,4 +800,57 @@ fn hole_kernels_refusal_sweep() {
     }
     println!("  {clones} refusals: {refilled} refilled from the fd, {refused} without a fallback");
     assert!(refilled > 0 && refused > 0, "both the registered and the unregistered half were hit");
+}
+
+/// The userfaultfd guard's error paths: a writable view of write-protected memory, and a
+/// failure while faulting armed pages in, leave no mapping and no fd (the userfaultfd is
+/// really registered: MISSING, or WP where the kernel has it on shmem).
+fn userfaultfd_refusals_and_failures_leave_nothing_behind() {
+    use iovmap::userfaultfd::{self, Modes};
+    use iovmap_testkit::monitor::{self, Mode};
+    let ram = GuestRam::new(8 * page()).unwrap();
+    ram.fill(3);
+    let other = GuestRam::new(2 * page()).unwrap();
+    let list = [other.iov(0, page()), ram.iov(0, page()), ram.iov(4 * page(), 2 * page())];
+    let (mode, modes) = match monitor::open(Mode::Wp, 0) {
+        Ok(u) => (Some(u), Modes::WP),
+        Err(why) => {
+            eprintln!("SKIP part: WP on shmem ({why}); the refusal is checked with the record alone");
+            (None, Modes::WP)
+        }
+    };
+    let r = Remapper::new();
+    match &mode {
+        Some(u) => drop(userfaultfd::register(u.as_fd(), ram.ptr(), ram.len(), modes).expect("UFFDIO_REGISTER WP")),
+        None => userfaultfd::declare_armed(ram.ptr(), ram.len(), modes),
+    }
+    let before = Counts::now();
+    for opts in [MapOptions::new(), MapOptions::new().populate(), MapOptions::new().kernel_built()] {
+        let e = r.map_with(&list, opts).unwrap_err();
+        assert!(matches!(e, Error::WriteProtected { index: 1 }), "{opts:?}: {e:?}");
+        before.assert_unchanged(&format!("write-protected, {opts:?}"));
+    }
+    drop(r.map_with(&list, MapOptions::new().read_only()).expect("a read-only view of WP memory"));
+    before.assert_unchanged("a read-only view of WP memory, dropped");
+    match &mode {
+        Some(u) => userfaultfd::unregister(u.as_fd(), ram.ptr(), ram.len()).unwrap(),
+        None => userfaultfd::declare_disarmed(ram.ptr(), ram.len()),
+    }
+    drop(mode);
+    // MISSING, every page present (no monitor needed): a failure while faulting them in.
+    let uffd = monitor::open(Mode::Missing, 0).expect("a MISSING userfaultfd (Linux 4.11+)");
+    userfaultfd::register(uffd.as_fd(), ram.ptr(), ram.len(), Modes::MISSING).unwrap();
+    let before = Counts::now();
+    for opts in [MapOptions::new(), MapOptions::new().read_only()] {
+        let faults = Faults::new().fail(Operation::FaultInArmed, 0, libc::EINTR);
+        let e = r.map_with(&list, opts).unwrap_err();
+        assert!(faults.fired());
+        assert!(matches!(e, Error::Os { op: Operation::FaultInArmed, index: Some(1), .. }), "{opts:?}: {e:?}");
+        before.assert_unchanged(&format!("a failure faulting armed pages in, {opts:?}"));
+    }
+    let view = r.map(&list).expect("the same list, without the failure");
+    assert_eq!(view.stats().monitor_resolved, 3 * page());
+    drop(view);
+    before.assert_unchanged("a view of MISSING memory, dropped");
+    userfaultfd::unregister(uffd.as_fd(), ram.ptr(), ram.len()).unwrap();
 }
