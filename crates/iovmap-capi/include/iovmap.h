@@ -52,6 +52,24 @@
 #define IOVMAP_MAP_KERNEL_BUILT (1 << 4)
 
 /**
+ * Userfaultfd mode: pages not present fault to the monitor (postcopy migration). The
+ * value of `UFFDIO_REGISTER_MODE_MISSING`.
+ */
+#define IOVMAP_UFFD_MISSING (1 << 0)
+
+/**
+ * Userfaultfd mode: writes to write-protected pages fault to the monitor (live
+ * snapshot). The value of `UFFDIO_REGISTER_MODE_WP`.
+ */
+#define IOVMAP_UFFD_WP (1 << 1)
+
+/**
+ * Userfaultfd mode: pages in the page cache but not mapped fault to the monitor
+ * (snapshot restore from shmem or hugetlbfs). The value of `UFFDIO_REGISTER_MODE_MINOR`.
+ */
+#define IOVMAP_UFFD_MINOR (1 << 2)
+
+/**
  * Why automatic placement did not give runs to udmabuf (`iovmap_kernel_built.declined`).
  */
 typedef enum iovmap_declined {
@@ -161,6 +179,13 @@ typedef enum iovmap_code {
      * registered sealed memfd, no `/dev/udmabuf`, refused); the index names the iovec.
      */
     IOVMAP_E_KERNEL_BUILT = -15,
+    /**
+     * A read-write view (or dma-bufs, which an importer may write) was asked of guest
+     * memory a userfaultfd monitor write-protects (a live snapshot is being taken):
+     * writes through it would not reach the monitor. Map it with `IOVMAP_MAP_READ_ONLY`,
+     * or after the snapshot ends. The index names the segment.
+     */
+    IOVMAP_E_WRITE_PROTECTED = -16,
 } iovmap_code;
 
 /**
@@ -260,7 +285,7 @@ typedef struct iovmap_kernel_built {
 /**
  * Every code, from `IOVMAP_OK` down.
  */
-#define iovmap_code_ALL { IOVMAP_OK, IOVMAP_E_INVALID_ARGUMENT, IOVMAP_E_EMPTY, IOVMAP_E_TOO_LARGE, IOVMAP_E_UNALIGNED, IOVMAP_E_NOT_MAPPED, IOVMAP_E_NOT_SHAREABLE, IOVMAP_E_NO_FALLBACK, IOVMAP_E_TOO_MANY_MAPPINGS, IOVMAP_E_INVALID_REGION, IOVMAP_E_NOT_WRITABLE, IOVMAP_E_OS, IOVMAP_E_OTHER, IOVMAP_E_PANIC, IOVMAP_E_SOURCE_CHANGED, IOVMAP_E_KERNEL_BUILT, }
+#define iovmap_code_ALL { IOVMAP_OK, IOVMAP_E_INVALID_ARGUMENT, IOVMAP_E_EMPTY, IOVMAP_E_TOO_LARGE, IOVMAP_E_UNALIGNED, IOVMAP_E_NOT_MAPPED, IOVMAP_E_NOT_SHAREABLE, IOVMAP_E_NO_FALLBACK, IOVMAP_E_TOO_MANY_MAPPINGS, IOVMAP_E_INVALID_REGION, IOVMAP_E_NOT_WRITABLE, IOVMAP_E_OS, IOVMAP_E_OTHER, IOVMAP_E_PANIC, IOVMAP_E_SOURCE_CHANGED, IOVMAP_E_KERNEL_BUILT, IOVMAP_E_WRITE_PROTECTED, }
 
 #ifdef __cplusplus
 extern "C" {
@@ -527,6 +552,58 @@ int64_t iovmap_last_error_index(void);
  * logs. Unknown codes get `"unknown iovmap code"`. The string is static: never free it.
  */
 const char *iovmap_strerror(int code);
+
+/**
+ * Registers the `len` bytes at `addr` with the userfaultfd `uffd` in `modes`
+ * (`IOVMAP_UFFD_*`, as `ioctl(uffd, UFFDIO_REGISTER)` takes them) and records them as
+ * armed: from then on every `iovmap_map` and `iovmap_dmabufs_new` of that memory first
+ * has the monitor place or approve the list's pages (MISSING, MINOR: they are faulted in
+ * through `addr`'s mapping, which waits for the monitor), and refuses views that can
+ * write where it write-protects (WP: `IOVMAP_E_WRITE_PROTECTED`). Writes the ioctls the
+ * kernel allows on the range to `*ioctls` when it is not NULL.
+ *
+ * Make maps of armed memory from threads other than the monitor's: a map waits for it.
+ *
+ * Returns `IOVMAP_OK`, `IOVMAP_E_INVALID_ARGUMENT` (bad fd, no or unknown modes) or
+ * `IOVMAP_E_OS` (the kernel refused: the message has its errno). Nothing is recorded
+ * on error.
+ *
+ * # Safety
+ * `uffd` stays open during the call; `ioctls` is NULL or points to a writable
+ * `uint64_t`. `addr` is only registered, never dereferenced.
+ */
+int iovmap_uffd_register(int uffd, void *addr, size_t len, unsigned int modes, uint64_t *ioctls);
+
+/**
+ * Unregisters the `len` bytes at `addr` from the userfaultfd `uffd`
+ * (`ioctl(uffd, UFFDIO_UNREGISTER)`) and forgets them as armed.
+ *
+ * Returns `IOVMAP_OK`, `IOVMAP_E_INVALID_ARGUMENT` (bad fd) or `IOVMAP_E_OS` (the
+ * kernel refused; the record is unchanged).
+ *
+ * # Safety
+ * `uffd` stays open during the call. `addr` is never dereferenced.
+ */
+int iovmap_uffd_unregister(int uffd, void *addr, size_t len);
+
+/**
+ * Records that the `len` bytes at `addr` are (about to be) registered with a
+ * userfaultfd in `modes`, for a VMM that makes `UFFDIO_REGISTER` itself (QEMU's
+ * postcopy and background snapshot): call it just before that ioctl, and
+ * `iovmap_uffd_declare_disarmed` just after `UFFDIO_UNREGISTER`, so the record always
+ * covers what the kernel has armed. Process-wide: every remapper consults it.
+ *
+ * Returns `IOVMAP_OK` or `IOVMAP_E_INVALID_ARGUMENT` (no or unknown modes, an empty
+ * or wrapping range).
+ */
+int iovmap_uffd_declare_armed(const void *addr, size_t len, unsigned int modes);
+
+/**
+ * Forgets the `len` bytes at `addr` as armed: call it just after `UFFDIO_UNREGISTER`.
+ *
+ * Returns `IOVMAP_OK` or `IOVMAP_E_INVALID_ARGUMENT` (an empty or wrapping range).
+ */
+int iovmap_uffd_declare_disarmed(const void *addr, size_t len);
 
 #ifdef __cplusplus
 }  // extern "C"

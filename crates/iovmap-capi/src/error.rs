@@ -64,13 +64,18 @@ pub enum IovmapCode {
     /// can map, or `iovmap_dmabufs_new` was called. The message says why (not a
     /// registered sealed memfd, no `/dev/udmabuf`, refused); the index names the iovec.
     IOVMAP_E_KERNEL_BUILT = -15,
+    /// A read-write view (or dma-bufs, which an importer may write) was asked of guest
+    /// memory a userfaultfd monitor write-protects (a live snapshot is being taken):
+    /// writes through it would not reach the monitor. Map it with `IOVMAP_MAP_READ_ONLY`,
+    /// or after the snapshot ends. The index names the segment.
+    IOVMAP_E_WRITE_PROTECTED = -16,
 }
 
 pub use IovmapCode::*;
 
 impl IovmapCode {
     /// Every code, from `IOVMAP_OK` down.
-    pub const ALL: [IovmapCode; 16] = [
+    pub const ALL: [IovmapCode; 17] = [
         IOVMAP_OK,
         IOVMAP_E_INVALID_ARGUMENT,
         IOVMAP_E_EMPTY,
@@ -87,6 +92,7 @@ impl IovmapCode {
         IOVMAP_E_PANIC,
         IOVMAP_E_SOURCE_CHANGED,
         IOVMAP_E_KERNEL_BUILT,
+        IOVMAP_E_WRITE_PROTECTED,
     ];
 
     /// The `int` a function returns for this code.
@@ -134,13 +140,15 @@ impl From<Error> for Failure {
 /// What a C caller is told: iovmap's message, with the Rust names of the calls and
 /// options it advises replaced by the C API's.
 pub(crate) fn c_message(e: &Error) -> String {
-    const C_NAMES: [(&str, &str); 6] = [
+    const C_NAMES: [(&str, &str); 8] = [
         ("Remapper::register", "iovmap_register"),
         ("MapOptions::kernel_built()", "IOVMAP_MAP_KERNEL_BUILT"),
         ("Access::ReadOnly", "IOVMAP_MAP_READ_ONLY"),
         ("MapOptions::raise_source_protection()", "IOVMAP_MAP_RAISE_SOURCE_PROTECTION"),
         ("isize::MAX", "PTRDIFF_MAX"),
         ("Remapper::unregister", "iovmap_unregister"),
+        ("userfaultfd::unregister", "iovmap_uffd_unregister"),
+        ("declare_disarmed", "iovmap_uffd_declare_disarmed"),
     ];
     let mut text = e.to_string();
     for (rust, c) in C_NAMES {
@@ -167,6 +175,7 @@ pub(crate) fn code_of(e: &Error) -> IovmapCode {
         Error::Os { .. } => IOVMAP_E_OS,
         Error::SourceChanged { .. } => IOVMAP_E_SOURCE_CHANGED,
         Error::KernelBuilt { .. } => IOVMAP_E_KERNEL_BUILT,
+        Error::WriteProtected { .. } => IOVMAP_E_WRITE_PROTECTED,
         _ => IOVMAP_E_OTHER,
     }
 }
@@ -301,6 +310,9 @@ pub(crate) fn describe(code: IovmapCode) -> &'static CStr {
         IOVMAP_E_PANIC => c"IOVMAP_E_PANIC: iovmap panicked (a bug)",
         IOVMAP_E_SOURCE_CHANGED => c"IOVMAP_E_SOURCE_CHANGED: a segment's mapping changed while the view was built",
         IOVMAP_E_KERNEL_BUILT => c"IOVMAP_E_KERNEL_BUILT: udmabuf cannot build the view (the message says why)",
+        IOVMAP_E_WRITE_PROTECTED => {
+            c"IOVMAP_E_WRITE_PROTECTED: a writable view of memory a userfaultfd monitor write-protects"
+        }
     }
 }
 

@@ -86,6 +86,7 @@ use iovmap_core::{MapOptions, Remapper};
 
 mod dmabuf;
 mod error;
+mod userfaultfd;
 
 pub use dmabuf::IovmapDeclined::{self, *};
 pub use dmabuf::{
@@ -96,6 +97,10 @@ pub use dmabuf::{
 pub use error::IovmapCode::{self, *};
 use error::{Failure, guard, guard_value};
 pub use error::{iovmap_last_error_index, iovmap_last_error_message, iovmap_strerror};
+pub use userfaultfd::{
+    IOVMAP_UFFD_MINOR, IOVMAP_UFFD_MISSING, IOVMAP_UFFD_WP, iovmap_uffd_declare_armed, iovmap_uffd_declare_disarmed,
+    iovmap_uffd_register, iovmap_uffd_unregister,
+};
 
 /// `iovmap_map` flag: a read-only view; a write through it faults (SIGSEGV). Without it
 /// the view is read-write and every run's backing must accept writes.
@@ -256,7 +261,7 @@ pub unsafe extern "C" fn iovmap_register(
 ///
 /// # Safety
 /// The fd, if open, must stay open while the returned value is used.
-unsafe fn open_fd<'a>(function: &str, fd: c_int) -> Result<BorrowedFd<'a>, Failure> {
+pub(crate) unsafe fn open_fd<'a>(function: &str, fd: c_int) -> Result<BorrowedFd<'a>, Failure> {
     if fd < 0 {
         return Err(Failure::argument(
             function,

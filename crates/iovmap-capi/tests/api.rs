@@ -669,3 +669,77 @@ fn view_pointer_and_length_describe_the_view() {
     let p: *mut c_void = view.ptr().cast();
     assert!(!p.is_null());
 }
+
+#[test]
+fn userfaultfd_registrations_guard_every_view() {
+    use iovmap_testkit::monitor::{self, Mode, Monitor, Watchdog};
+    let _watchdog = Watchdog::new(60, "the C API's userfaultfd guard");
+    let uffd = match monitor::open(Mode::Missing, 0) {
+        Ok(u) => u,
+        Err(why) => skip!("{why}"),
+    };
+    let ram = GuestRam::new(16 * page()).unwrap();
+    // Argument errors first: nothing is registered.
+    let (base, len) = (ram.ptr().cast::<c_void>(), ram.len());
+    // SAFETY: `base` is only registered, never dereferenced, by these calls.
+    unsafe {
+        assert_error(
+            iovmap_uffd_register(uffd.as_raw_fd(), base, len, 0, ptr::null_mut()),
+            IOVMAP_E_INVALID_ARGUMENT,
+            -1,
+            &["IOVMAP_UFFD_MISSING"],
+        );
+        assert_error(
+            iovmap_uffd_register(uffd.as_raw_fd(), base, len, 8, ptr::null_mut()),
+            IOVMAP_E_INVALID_ARGUMENT,
+            -1,
+            &["modes 0x8"],
+        );
+        assert_error(
+            iovmap_uffd_register(-1, base, len, IOVMAP_UFFD_MISSING, ptr::null_mut()),
+            IOVMAP_E_INVALID_ARGUMENT,
+            -1,
+            &["negative"],
+        );
+        // The kernel's refusal (an unaligned range) is an OS error with its errno.
+        assert_error(
+            iovmap_uffd_register(uffd.as_raw_fd(), base.add(1), len - page(), IOVMAP_UFFD_MISSING, ptr::null_mut()),
+            IOVMAP_E_OS,
+            -1,
+            &["UFFDIO_REGISTER", "Invalid argument"],
+        );
+    }
+    assert_error(iovmap_uffd_declare_armed(base, 0, IOVMAP_UFFD_WP), IOVMAP_E_INVALID_ARGUMENT, -1, &["empty"]);
+    assert_error(
+        iovmap_uffd_declare_disarmed(usize::MAX as *const c_void, 2),
+        IOVMAP_E_INVALID_ARGUMENT,
+        -1,
+        &["wraps"],
+    );
+    // MISSING through the C API: the view shows the monitor's page 9, placed first.
+    let mut ioctls = 0u64;
+    // SAFETY: a live userfaultfd and a writable u64.
+    let rc = unsafe { iovmap_uffd_register(uffd.as_raw_fd(), base, len, IOVMAP_UFFD_MISSING, &mut ioctls) };
+    assert_eq!(rc, IOVMAP_OK.raw(), "{}", last_message());
+    assert_ne!(ioctls & (1 << 3), 0, "UFFDIO_COPY is allowed on the range: {ioctls:#x}");
+    let monitor = Monitor::start(uffd, Mode::Missing, ram.ptr() as usize, len, page(), ram.fd());
+    let r = Remapper::new();
+    let view = r.map(&[iov(ram.ptr().wrapping_add(9 * page()), page())], IOVMAP_MAP_READ_ONLY).unwrap();
+    assert_eq!(view.read(17), kit::pattern(Monitor::SEED, 9 * page() + 17));
+    assert_eq!(monitor.log().faults, [9 * page()]);
+    assert!(monitor.place_the_rest().is_empty(), "EEXIST after the view");
+    // SAFETY: the monitor's live userfaultfd.
+    assert_eq!(unsafe { iovmap_uffd_unregister(monitor.fd().as_raw_fd(), base, len) }, IOVMAP_OK.raw());
+    // WP, declared as a VMM that registers by itself does: read-write refused, read-only made.
+    assert_eq!(iovmap_uffd_declare_armed(base, len, IOVMAP_UFFD_WP), IOVMAP_OK.raw());
+    let other = GuestRam::new(page()).unwrap();
+    let list = [other.iov(0, page()), iov(ram.ptr().wrapping_add(2 * page()), page())];
+    let rc = r.map(&list, 0).map(drop).unwrap_err();
+    assert_error(rc, IOVMAP_E_WRITE_PROTECTED, 1, &["segment 1", "IOVMAP_MAP_READ_ONLY", "iovmap_uffd_unregister"]);
+    // SAFETY: the static string of a code.
+    let name = unsafe { CStr::from_ptr(iovmap_strerror(rc)) }.to_str().unwrap();
+    assert!(name.starts_with("IOVMAP_E_WRITE_PROTECTED"), "{name}");
+    assert!(r.map(&list, IOVMAP_MAP_READ_ONLY).is_ok(), "{}", last_message());
+    assert_eq!(iovmap_uffd_declare_disarmed(base, len), IOVMAP_OK.raw());
+    assert!(r.map(&list, 0).is_ok(), "read-write once disarmed: {}", last_message());
+}

@@ -117,6 +117,11 @@ const API: &[&str] = &[
     "iovmap_dmabufs_get",
     "iovmap_dmabufs_take",
     "iovmap_dmabufs_free",
+    // 0.3: guest RAM a userfaultfd monitor owns.
+    "iovmap_uffd_register",
+    "iovmap_uffd_unregister",
+    "iovmap_uffd_declare_armed",
+    "iovmap_uffd_declare_disarmed",
     "iovmap_last_error_message",
     "iovmap_last_error_index",
     "iovmap_strerror",

@@ -1,0 +1,138 @@
+//! Guest RAM a userfaultfd monitor owns, in C: register it through iovmap (or declare
+//! the registrations the VMM makes itself), so that views wait for the monitor's pages and
+//! never write behind a write-protecting monitor.
+
+use std::ffi::{c_int, c_uint, c_void};
+
+use iovmap_core::userfaultfd::{self, Modes};
+
+use crate::error::{Failure, guard};
+use crate::open_fd;
+
+/// Userfaultfd mode: pages not present fault to the monitor (postcopy migration). The
+/// value of `UFFDIO_REGISTER_MODE_MISSING`.
+pub const IOVMAP_UFFD_MISSING: c_uint = 1 << 0;
+/// Userfaultfd mode: writes to write-protected pages fault to the monitor (live
+/// snapshot). The value of `UFFDIO_REGISTER_MODE_WP`.
+pub const IOVMAP_UFFD_WP: c_uint = 1 << 1;
+/// Userfaultfd mode: pages in the page cache but not mapped fault to the monitor
+/// (snapshot restore from shmem or hugetlbfs). The value of `UFFDIO_REGISTER_MODE_MINOR`.
+pub const IOVMAP_UFFD_MINOR: c_uint = 1 << 2;
+
+/// The modes `modes` names, or the failure naming `function`'s bad argument.
+fn modes_of(function: &str, modes: c_uint) -> Result<Modes, Failure> {
+    match Modes::from_bits(u64::from(modes)) {
+        Some(m) if !m.is_empty() => Ok(m),
+        _ => Err(Failure::argument(
+            function,
+            format!("modes {modes:#x}: pass IOVMAP_UFFD_MISSING, IOVMAP_UFFD_WP, IOVMAP_UFFD_MINOR or a union of them"),
+        )),
+    }
+}
+
+/// The failure of a userfaultfd ioctl.
+fn ioctl_failure(function: &str, op: &str, addr: *const c_void, len: usize, e: std::io::Error) -> Failure {
+    Failure {
+        code: crate::error::IovmapCode::IOVMAP_E_OS,
+        message: format!("{function}: {op} of [{addr:p}, +{len:#x}) failed: {e}"),
+        index: None,
+    }
+}
+
+/// Registers the `len` bytes at `addr` with the userfaultfd `uffd` in `modes`
+/// (`IOVMAP_UFFD_*`, as `ioctl(uffd, UFFDIO_REGISTER)` takes them) and records them as
+/// armed: from then on every `iovmap_map` and `iovmap_dmabufs_new` of that memory first
+/// has the monitor place or approve the list's pages (MISSING, MINOR: they are faulted in
+/// through `addr`'s mapping, which waits for the monitor), and refuses views that can
+/// write where it write-protects (WP: `IOVMAP_E_WRITE_PROTECTED`). Writes the ioctls the
+/// kernel allows on the range to `*ioctls` when it is not NULL.
+///
+/// Make maps of armed memory from threads other than the monitor's: a map waits for it.
+///
+/// Returns `IOVMAP_OK`, `IOVMAP_E_INVALID_ARGUMENT` (bad fd, no or unknown modes) or
+/// `IOVMAP_E_OS` (the kernel refused: the message has its errno). Nothing is recorded
+/// on error.
+///
+/// # Safety
+/// `uffd` stays open during the call; `ioctls` is NULL or points to a writable
+/// `uint64_t`. `addr` is only registered, never dereferenced.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iovmap_uffd_register(
+    uffd: c_int,
+    addr: *mut c_void,
+    len: usize,
+    modes: c_uint,
+    ioctls: *mut u64,
+) -> c_int {
+    const F: &str = "iovmap_uffd_register";
+    guard(F, || {
+        let modes = modes_of(F, modes)?;
+        // SAFETY: the caller keeps `uffd` open during the call (contract).
+        let fd = unsafe { open_fd(F, uffd) }?;
+        let allowed = userfaultfd::register(fd, addr.cast_const().cast(), len, modes)
+            .map_err(|e| ioctl_failure(F, "UFFDIO_REGISTER", addr, len, e))?;
+        // SAFETY: NULL or a writable uint64_t (contract).
+        if let Some(out) = unsafe { ioctls.as_mut() } {
+            *out = allowed;
+        }
+        Ok(())
+    })
+}
+
+/// Unregisters the `len` bytes at `addr` from the userfaultfd `uffd`
+/// (`ioctl(uffd, UFFDIO_UNREGISTER)`) and forgets them as armed.
+///
+/// Returns `IOVMAP_OK`, `IOVMAP_E_INVALID_ARGUMENT` (bad fd) or `IOVMAP_E_OS` (the
+/// kernel refused; the record is unchanged).
+///
+/// # Safety
+/// `uffd` stays open during the call. `addr` is never dereferenced.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iovmap_uffd_unregister(uffd: c_int, addr: *mut c_void, len: usize) -> c_int {
+    const F: &str = "iovmap_uffd_unregister";
+    guard(F, || {
+        // SAFETY: the caller keeps `uffd` open during the call (contract).
+        let fd = unsafe { open_fd(F, uffd) }?;
+        userfaultfd::unregister(fd, addr.cast_const().cast(), len)
+            .map_err(|e| ioctl_failure(F, "UFFDIO_UNREGISTER", addr, len, e))
+    })
+}
+
+/// Records that the `len` bytes at `addr` are (about to be) registered with a
+/// userfaultfd in `modes`, for a VMM that makes `UFFDIO_REGISTER` itself (QEMU's
+/// postcopy and background snapshot): call it just before that ioctl, and
+/// `iovmap_uffd_declare_disarmed` just after `UFFDIO_UNREGISTER`, so the record always
+/// covers what the kernel has armed. Process-wide: every remapper consults it.
+///
+/// Returns `IOVMAP_OK` or `IOVMAP_E_INVALID_ARGUMENT` (no or unknown modes, an empty
+/// or wrapping range).
+#[unsafe(no_mangle)]
+pub extern "C" fn iovmap_uffd_declare_armed(addr: *const c_void, len: usize, modes: c_uint) -> c_int {
+    const F: &str = "iovmap_uffd_declare_armed";
+    guard(F, || {
+        let modes = modes_of(F, modes)?;
+        check_range(F, addr, len)?;
+        userfaultfd::declare_armed(addr.cast(), len, modes);
+        Ok(())
+    })
+}
+
+/// Forgets the `len` bytes at `addr` as armed: call it just after `UFFDIO_UNREGISTER`.
+///
+/// Returns `IOVMAP_OK` or `IOVMAP_E_INVALID_ARGUMENT` (an empty or wrapping range).
+#[unsafe(no_mangle)]
+pub extern "C" fn iovmap_uffd_declare_disarmed(addr: *const c_void, len: usize) -> c_int {
+    const F: &str = "iovmap_uffd_declare_disarmed";
+    guard(F, || {
+        check_range(F, addr, len)?;
+        userfaultfd::declare_disarmed(addr.cast(), len);
+        Ok(())
+    })
+}
+
+fn check_range(function: &str, addr: *const c_void, len: usize) -> Result<(), Failure> {
+    if len == 0 || (addr as usize).checked_add(len).is_none() {
+        return Err(Failure::argument(function, format!("[{addr:p}, +{len:#x}) is empty or wraps")));
+    }
+    Ok(())
+}
