@@ -605,6 +605,29 @@ int iovmap_uffd_declare_armed(const void *addr, size_t len, unsigned int modes);
  */
 int iovmap_uffd_declare_disarmed(const void *addr, size_t len);
 
+/**
+ * Has the monitor place or approve, now, every page of `iov` that lies in memory armed
+ * MISSING or MINOR (registered through `iovmap_uffd_register` or declared), as
+ * `iovmap_map` does before it makes a view: for guest memory the VMM hands on some other
+ * way (a udmabuf it makes itself, a DMA mapping), whose pins ask no monitor. Without
+ * `IOVMAP_MAP_READ_ONLY` in `flags`, memory a monitor write-protects is refused as a
+ * read-write view would be (`IOVMAP_E_WRITE_PROTECTED`). Writes the bytes faulted in
+ * through the monitor to `*resolved` when it is not NULL (0 when nothing is armed, which
+ * costs one atomic load).
+ *
+ * Returns `IOVMAP_OK`, `IOVMAP_E_INVALID_ARGUMENT` (NULL list, negative count, flags
+ * other than `IOVMAP_MAP_READ_ONLY`), `IOVMAP_E_WRITE_PROTECTED`, or `IOVMAP_E_OS` (a
+ * page could not be faulted in: the index names its iovec).
+ *
+ * # Safety
+ * `iov` points to `iovcnt` readable `struct iovec` (their memory is only faulted in, never
+ * read by iovmap); `resolved` is NULL or points to a writable `uint64_t`.
+ */
+int iovmap_uffd_resolve(const struct iovec *iov,
+                        int iovcnt,
+                        unsigned int flags,
+                        uint64_t *resolved);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

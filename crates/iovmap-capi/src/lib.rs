@@ -99,7 +99,7 @@ use error::{Failure, guard, guard_value};
 pub use error::{iovmap_last_error_index, iovmap_last_error_message, iovmap_strerror};
 pub use userfaultfd::{
     IOVMAP_UFFD_MINOR, IOVMAP_UFFD_MISSING, IOVMAP_UFFD_WP, iovmap_uffd_declare_armed, iovmap_uffd_declare_disarmed,
-    iovmap_uffd_register, iovmap_uffd_unregister,
+    iovmap_uffd_register, iovmap_uffd_resolve, iovmap_uffd_unregister,
 };
 
 /// `iovmap_map` flag: a read-only view; a write through it faults (SIGSEGV). Without it

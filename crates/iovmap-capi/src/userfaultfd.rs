@@ -7,7 +7,7 @@ use std::ffi::{c_int, c_uint, c_void};
 use iovmap_core::userfaultfd::{self, Modes};
 
 use crate::error::{Failure, guard};
-use crate::open_fd;
+use crate::{IOVMAP_MAP_READ_ONLY, iov_slice, open_fd};
 
 /// Userfaultfd mode: pages not present fault to the monitor (postcopy migration). The
 /// value of `UFFDIO_REGISTER_MODE_MISSING`.
@@ -126,6 +126,50 @@ pub extern "C" fn iovmap_uffd_declare_disarmed(addr: *const c_void, len: usize) 
     guard(F, || {
         check_range(F, addr, len)?;
         userfaultfd::declare_disarmed(addr.cast(), len);
+        Ok(())
+    })
+}
+
+/// Has the monitor place or approve, now, every page of `iov` that lies in memory armed
+/// MISSING or MINOR (registered through `iovmap_uffd_register` or declared), as
+/// `iovmap_map` does before it makes a view: for guest memory the VMM hands on some other
+/// way (a udmabuf it makes itself, a DMA mapping), whose pins ask no monitor. Without
+/// `IOVMAP_MAP_READ_ONLY` in `flags`, memory a monitor write-protects is refused as a
+/// read-write view would be (`IOVMAP_E_WRITE_PROTECTED`). Writes the bytes faulted in
+/// through the monitor to `*resolved` when it is not NULL (0 when nothing is armed, which
+/// costs one atomic load).
+///
+/// Returns `IOVMAP_OK`, `IOVMAP_E_INVALID_ARGUMENT` (NULL list, negative count, flags
+/// other than `IOVMAP_MAP_READ_ONLY`), `IOVMAP_E_WRITE_PROTECTED`, or `IOVMAP_E_OS` (a
+/// page could not be faulted in: the index names its iovec).
+///
+/// # Safety
+/// `iov` points to `iovcnt` readable `struct iovec` (their memory is only faulted in, never
+/// read by iovmap); `resolved` is NULL or points to a writable `uint64_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iovmap_uffd_resolve(
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+    flags: c_uint,
+    resolved: *mut u64,
+) -> c_int {
+    const F: &str = "iovmap_uffd_resolve";
+    guard(F, || {
+        if flags & !IOVMAP_MAP_READ_ONLY != 0 {
+            return Err(Failure::argument(F, format!("flags {flags:#x}: only IOVMAP_MAP_READ_ONLY applies")));
+        }
+        // SAFETY: `iov` points to `iovcnt` iovecs (contract); checked for NULL and sign.
+        let list = unsafe { iov_slice(F, iov, iovcnt) }?;
+        let access = if flags & IOVMAP_MAP_READ_ONLY != 0 {
+            iovmap_core::Access::ReadOnly
+        } else {
+            iovmap_core::Access::ReadWrite
+        };
+        let bytes = userfaultfd::resolve(list, access)?;
+        // SAFETY: NULL or a writable uint64_t (contract).
+        if let Some(out) = unsafe { resolved.as_mut() } {
+            *out = bytes as u64;
+        }
         Ok(())
     })
 }

@@ -727,6 +727,24 @@ fn userfaultfd_registrations_guard_every_view() {
     let view = r.map(&[iov(ram.ptr().wrapping_add(9 * page()), page())], IOVMAP_MAP_READ_ONLY).unwrap();
     assert_eq!(view.read(17), kit::pattern(Monitor::SEED, 9 * page() + 17));
     assert_eq!(monitor.log().faults, [9 * page()]);
+    // The guard alone, for memory a VMM pins itself (QEMU's own udmabuf): pages 11-12.
+    let list = [iov(ram.ptr().wrapping_add(11 * page()), 2 * page())];
+    let mut resolved = 0u64;
+    // SAFETY: one readable iovec and a writable u64.
+    let rc = unsafe { iovmap_uffd_resolve(list.as_ptr(), 1, IOVMAP_MAP_READ_ONLY, &mut resolved) };
+    assert_eq!((rc, resolved), (IOVMAP_OK.raw(), 2 * page() as u64), "{}", last_message());
+    assert_eq!(monitor.log().faults, [9 * page(), 11 * page(), 12 * page()]);
+    assert_eq!(ram.read(12 * page() + 3), kit::pattern(Monitor::SEED, 12 * page() + 3));
+    // SAFETY: as above; NULL lists and unknown flags are argument errors.
+    unsafe {
+        assert_error(iovmap_uffd_resolve(ptr::null(), 1, 0, ptr::null_mut()), IOVMAP_E_INVALID_ARGUMENT, -1, &["NULL"]);
+        assert_error(
+            iovmap_uffd_resolve(list.as_ptr(), 1, IOVMAP_MAP_POPULATE, ptr::null_mut()),
+            IOVMAP_E_INVALID_ARGUMENT,
+            -1,
+            &["flags"],
+        );
+    }
     assert!(monitor.place_the_rest().is_empty(), "EEXIST after the view");
     // SAFETY: the monitor's live userfaultfd.
     assert_eq!(unsafe { iovmap_uffd_unregister(monitor.fd().as_raw_fd(), base, len) }, IOVMAP_OK.raw());
@@ -740,6 +758,14 @@ fn userfaultfd_registrations_guard_every_view() {
     let name = unsafe { CStr::from_ptr(iovmap_strerror(rc)) }.to_str().unwrap();
     assert!(name.starts_with("IOVMAP_E_WRITE_PROTECTED"), "{name}");
     assert!(r.map(&list, IOVMAP_MAP_READ_ONLY).is_ok(), "{}", last_message());
+    // SAFETY: two readable iovecs; NULL out.
+    let rc = unsafe { iovmap_uffd_resolve(list.as_ptr(), 2, 0, ptr::null_mut()) };
+    assert_error(rc, IOVMAP_E_WRITE_PROTECTED, 1, &["segment 1"]);
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { iovmap_uffd_resolve(list.as_ptr(), 2, IOVMAP_MAP_READ_ONLY, ptr::null_mut()) },
+        IOVMAP_OK.raw()
+    );
     assert_eq!(iovmap_uffd_declare_disarmed(base, len), IOVMAP_OK.raw());
     assert!(r.map(&list, 0).is_ok(), "read-write once disarmed: {}", last_message());
 }

@@ -122,6 +122,7 @@ const API: &[&str] = &[
     "iovmap_uffd_unregister",
     "iovmap_uffd_declare_armed",
     "iovmap_uffd_declare_disarmed",
+    "iovmap_uffd_resolve",
     "iovmap_last_error_message",
     "iovmap_last_error_index",
     "iovmap_strerror",

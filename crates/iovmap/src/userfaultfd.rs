@@ -320,6 +320,31 @@ pub fn armed_modes(addr: *const u8, len: usize) -> Modes {
     modes
 }
 
+/// Has the monitor place or approve every MISSING or MINOR page of `iovs` now, as a map
+/// does before it makes a view, for memory the VMM hands on some other way (a udmabuf
+/// it makes itself, a DMA mapping, a vhost-user backend): pins and mappings of the file
+/// ask no monitor. With [`Access::ReadWrite`](crate::Access::ReadWrite), refuses memory a
+/// monitor write-protects as a read-write view would. Returns the bytes faulted in
+/// through their (armed) source mappings; 0, with one atomic load, when nothing is armed.
+///
+/// ```
+/// # let page = iovmap::page_size();
+/// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), 2 * page, libc::PROT_READ | libc::PROT_WRITE,
+/// #     libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) };
+/// let iov = [libc::iovec { iov_base: ram, iov_len: 2 * page }];
+/// // Nothing armed here: nothing to wait for.
+/// assert_eq!(iovmap::userfaultfd::resolve(&iov, iovmap::Access::ReadOnly)?, 0);
+/// # unsafe { libc::munmap(ram, 2 * page) };
+/// # Ok::<(), iovmap::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::WriteProtected`] (read-write access over WP memory), or [`Error::Os`] with
+/// [`Operation::FaultInArmed`] naming the segment whose pages could not be faulted in.
+pub fn resolve(iovs: &[libc::iovec], access: crate::Access) -> Result<usize, Error> {
+    guard(iovs, access == crate::Access::ReadWrite)
+}
+
 /// The guard of a map: refuses a view that can write (`write`) over write-protected
 /// memory, and has the monitor place or approve every MISSING or MINOR page of the list
 /// before anything is mapped. Returns the bytes faulted in through the source.
