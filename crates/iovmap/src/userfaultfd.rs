@@ -221,16 +221,32 @@ fn range_of(addr: *const u8, len: usize) -> io::Result<(usize, usize)> {
 /// through iovmap (or [`declare_armed`]) before the monitor starts serving, and make maps
 /// of the range from threads other than the monitor's (a map waits for the monitor).
 ///
-/// ```no_run
-/// # fn main() -> std::io::Result<()> {
-/// # let uffd: std::os::fd::OwnedFd = todo!();
-/// # let (ram, len): (*const u8, usize) = todo!();
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+/// # let page = iovmap::page_size();
+/// # let len = 4 * page;
+/// # let memfd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+/// # assert!(memfd >= 0 && unsafe { libc::ftruncate(memfd, len as i64) } == 0);
+/// # let ram = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE,
+/// #     libc::MAP_SHARED, memfd, 0) } as *mut u8;
+/// # unsafe { ram.write_bytes(7, len) }; // every page present: no monitor thread needed here
+/// # // A userfaultfd (UFFD_USER_MODE_ONLY: no privilege needed) after its API handshake.
+/// # let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | 1) };
+/// # if fd < 0 { eprintln!("no userfaultfd here"); return Ok(()) }
+/// # let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+/// # let mut api = [0xaau64, 0, 0];
+/// # assert_eq!(unsafe { libc::ioctl(uffd.as_raw_fd(), 0xc018_aa3f, api.as_mut_ptr()) }, 0);
 /// use iovmap::userfaultfd::{self, Modes};
 /// use std::os::fd::AsFd;
 /// // Postcopy destination: guest RAM is the monitor's until every page has arrived.
 /// userfaultfd::register(uffd.as_fd(), ram, len, Modes::MISSING)?;
-/// // ... views of guest RAM now wait for the monitor's pages ...
+/// let iov = [libc::iovec { iov_base: ram.cast(), iov_len: len }];
+/// let view = iovmap::map(&iov)?; // waited for the monitor first (every page was there)
+/// assert_eq!(view.stats().monitor_resolved, len);
 /// userfaultfd::unregister(uffd.as_fd(), ram, len)?;
+/// # drop(view);
+/// # unsafe { libc::munmap(ram.cast(), len); libc::close(memfd) };
 /// # Ok(()) }
 /// ```
 ///
@@ -254,13 +270,13 @@ pub fn register(uffd: BorrowedFd<'_>, addr: *const u8, len: usize, modes: Modes)
 /// Unregisters `[addr, addr + len)` from the userfaultfd `uffd`
 /// (`ioctl(uffd, UFFDIO_UNREGISTER)`), then forgets it in the record.
 ///
-/// ```no_run
-/// # fn main() -> std::io::Result<()> {
-/// # let uffd: std::os::fd::OwnedFd = todo!();
-/// # let (ram, len): (*const u8, usize) = todo!();
-/// use std::os::fd::AsFd;
-/// iovmap::userfaultfd::unregister(uffd.as_fd(), ram, len)?; // the snapshot ended
-/// # Ok(()) }
+/// ```
+/// # use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+/// # let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | 1) };
+/// # if fd < 0 { return }
+/// # let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+/// // Before the API handshake the kernel refuses everything: an error, nothing forgotten.
+/// assert!(iovmap::userfaultfd::unregister(uffd.as_fd(), 4096 as *const u8, 4096).is_err());
 /// ```
 ///
 /// # Errors
