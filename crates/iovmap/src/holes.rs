@@ -8,10 +8,13 @@
 //! would unmap it. 6.17 moved the checks before the unmap.
 //!
 //! [`kernel_punches_holes`] finds out once per process which kind of kernel this is, by
-//! measurement rather than by version (distributions backport), on a thread of its own
-//! (so that fault injection, which arms the calling thread, never meets the probe). On
-//! such kernels the map path never issues a clone into its reservation that the kernel
-//! may refuse (see `place.rs`); elsewhere it does exactly what it does on 6.18.
+//! measurement rather than by version (distributions backport), on the calling thread
+//! the first time it is needed: never on a thread of iovmap's own, which a VMM's
+//! per-thread seccomp filter or thread accounting would not expect. Fault injection
+//! (tests only) stands aside while it runs (`fault::unobserved`), so it never meets a
+//! failure meant for the map path. On such kernels the map path never issues a clone
+//! into its reservation that the kernel may refuse (see `place.rs`); elsewhere it does
+//! exactly what it does on 6.18.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -37,10 +40,10 @@ pub fn kernel_punches_holes() -> bool {
         return assumed;
     }
     *PUNCHES.get_or_init(|| {
-        let measured = std::thread::Builder::new()
-            .name("iovmap-hole-probe".into())
-            .spawn(probe)
-            .and_then(|t| t.join().unwrap_or_else(|_| Err(io::Error::other("the probe panicked"))));
+        #[cfg(feature = "fault-injection")]
+        let measured = crate::fault::unobserved(probe);
+        #[cfg(not(feature = "fault-injection"))]
+        let measured = probe();
         let punches = measured.unwrap_or_else(|e| {
             log::warn!("iovmap: cannot tell whether this kernel punches holes ({e}); assuming it does");
             true
