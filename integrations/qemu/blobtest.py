@@ -4,6 +4,7 @@
 
     blobtest.py --qemu BIN --kernel VMLINUZ --initrd CPIO --pattern PATTERN --workdir DIR
                 --ram memfd|hugetlbfs:DIR [--expect refused] [--timeout S] [--size WxH] [--fragment PAGES]
+                [--migrate postcopy]
 
 Boots the guest with -device virtio-gpu-pci,blob=true, its RAM on a memfd or on a file
 in a hugetlbfs mount. The guest (test.sh's /init) draws frame 1 of pattern.c's picture
@@ -20,6 +21,17 @@ scanned out, and prints one JSON object on stdout:
 
 With --expect refused, QEMU must refuse to start; the JSON has its message. QEMU is
 killed when the script ends, however it ends; every wait has a deadline.
+
+With --migrate postcopy, frame 1 is checked on a source QEMU, which then migrates to a
+destination QEMU (-incoming) with postcopy: precopy throttled so it cannot converge,
+the switch to postcopy made at once and background pages throttled until the
+destination has shown frame 1, so that the framebuffer's pages are still on the source
+when the destination's virtio-gpu maps the blob. Frame 2 is drawn and checked on the
+destination, and the migration must complete. The JSON then also has "late": how many
+of the blob's pages the destination's fault thread asked the source for while
+virtio-gpu waited for them (postcopy_ram_fault_thread_request events of the thread
+that made the mapping, between its virtio_gpu_iovmap_resolve_start and
+virtio_gpu_iovmap_resolve events), and "resolved", the bytes iovmap faulted in.
 """
 import argparse
 import json
@@ -166,13 +178,15 @@ def trace_events(path, name):
     return out
 
 
-def what_served(trace_log):
-    """How QEMU gave the scanout blob its mapping, from its own trace events."""
-    scanouts = trace_events(trace_log, "virtio_gpu_cmd_set_scanout_blob")
-    ids = [m.group(1) for m in (re.search(r"res (0x[0-9a-f]+)", s) for s in scanouts) if m]
-    if not ids:
-        raise Fail("no virtio_gpu_cmd_set_scanout_blob in the trace: the guest set no blob scanout")
-    res = ids[-1]
+def what_served(trace_log, res=None):
+    """How QEMU gave the scanout blob (`res`, or the last one the guest set) its mapping,
+    from its own trace events."""
+    if res is None:
+        scanouts = trace_events(trace_log, "virtio_gpu_cmd_set_scanout_blob")
+        ids = [m.group(1) for m in (re.search(r"res (0x[0-9a-f]+)", s) for s in scanouts) if m]
+        if not ids:
+            raise Fail("no virtio_gpu_cmd_set_scanout_blob in the trace: the guest set no blob scanout")
+        res = ids[-1]
     for ev in trace_events(trace_log, "virtio_gpu_iovmap_map"):
         m = re.match(r"res (0x[0-9a-f]+), iovecs (\d+), runs (\d+), cloned (\d+), "
                      r"fd_mapped (\d+), time (-?\d+) ns", ev)
@@ -194,8 +208,144 @@ def what_served(trace_log):
     raise Fail(f"the trace has neither a view nor a copy of the scanout blob {res}")
 
 
+class Guest:
+    """One QEMU process of a boot: its serial line, QMP socket, trace log and stderr."""
+
+    def __init__(self, a, name, extra):
+        self.serial = os.path.join(a.workdir, name + "serial")
+        self.qmp_path = os.path.join(a.workdir, name + "qmp.sock")
+        self.trace_log = os.path.join(a.workdir, name + "trace.log")
+        for p in (self.serial + ".in", self.serial + ".out", self.qmp_path, self.trace_log):
+            if os.path.exists(p):
+                os.unlink(p)
+        self.ser = Serial(self.serial, os.path.join(a.workdir, name + "serial.log"))
+        cmd = qemu_command(a, self.serial, self.qmp_path, self.trace_log) + extra
+        with open(os.path.join(a.workdir, name + "cmdline"), "w") as f:
+            f.write(" ".join(cmd) + "\n")
+        self.stderr = open(os.path.join(a.workdir, name + "qemu.stderr"), "w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.stderr,
+                                     stderr=self.stderr, start_new_session=True)
+        self.qmp = None
+
+    def connect(self, deadline):
+        self.qmp = Qmp(self.qmp_path, deadline)
+        return self.qmp
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def migration_status(qmp):
+    return qmp.execute("query-migrate").get("status", "none")
+
+
+def wait_status(qmp, want, deadline, what):
+    """Polls query-migrate until its status is one of `want`; a failure ends the wait."""
+    status = "none"
+    while time.monotonic() < deadline:
+        status = migration_status(qmp)
+        if status in want:
+            return status
+        if status in ("failed", "cancelled"):
+            info = qmp.execute("query-migrate")
+            raise Fail(f"{what}: migration {status}: {info.get('error-desc', info)}")
+        time.sleep(0.2)
+    raise Fail(f"{what}: migration still '{status}', not {'/'.join(want)}")
+
+
+def late_pages(trace_log, res):
+    """The blob's pages the fault thread asked the source for while virtio-gpu waited for
+    them: requests by the waiting thread between its resolve_start and resolve events."""
+    rx_line = re.compile(r"^(\d+)@[0-9.]+:(\S+) (.*)$")
+    waiting, late, resolved, found = None, set(), None, False
+    with open(trace_log, errors="replace") as f:
+        for line in f:
+            m = rx_line.match(line.rstrip("\n"))
+            if not m:
+                continue
+            tid, event, args = m.groups()
+            if event == "virtio_gpu_iovmap_resolve_start" and args.startswith(f"res {res},"):
+                waiting, found = tid, True
+            elif event == "virtio_gpu_iovmap_resolve" and waiting and args.startswith(f"res {res},"):
+                r = re.search(r"bytes (\d+), time (-?\d+) ns, ret (-?\d+)", args)
+                if not r or r.group(3) != "0":
+                    raise Fail(f"iovmap could not resolve the blob's pages: {args}")
+                resolved = int(r.group(1))
+                waiting = None
+            elif event == "postcopy_ram_fault_thread_request" and waiting:
+                r = re.search(r"HVA=0x([0-9a-f]+) .* pid=(\d+)", args)
+                if r and r.group(2) == waiting:
+                    late.add(int(r.group(1), 16))
+    if not found:
+        raise Fail(f"no virtio_gpu_iovmap_resolve_start for {res} in the destination's trace")
+    return len(late), resolved
+
+
+def run_postcopy(a, deadline):
+    """Frame 1 on a source, postcopy to a destination, frame 2 there."""
+    sock = os.path.join(a.workdir, "migration.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)
+    src = Guest(a, "src-", [])
+    dst = None
+    try:
+        sq = src.connect(deadline)
+        src.ser.wait_for(r"^BLOBTEST: DRAWN 1\b", deadline, src.proc)
+        on_source = check_frame(a, sq, 1, deadline)
+        dst = Guest(a, "dst-", ["-incoming", "defer", "-msg", "timestamp=on",
+                                "-trace", "postcopy_ram_fault_thread_request",
+                                "-trace", "virtio_gpu_iovmap_resolve*",
+                                "-trace", "migration_uffd_*"])
+        dq = dst.connect(deadline)
+        caps = [{"capability": "postcopy-ram", "state": True}]
+        dq.execute("migrate-set-capabilities", capabilities=caps)
+        dq.execute("migrate-incoming", uri=f"unix:{sock}")
+        sq.execute("migrate-set-capabilities", capabilities=caps)
+        # Precopy may not converge (1 ms of downtime, 1 MB/s), and postcopy sends the
+        # rest slowly until the destination has shown frame 1: the blob's pages are then
+        # still on the source when the destination maps the blob.
+        sq.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 20, "downtime-limit": 1,
+                                                "max-postcopy-bandwidth": 256 << 10})
+        sq.execute("migrate", uri=f"unix:{sock}")
+        sq.execute("migrate-start-postcopy")
+        wait_status(sq, ("postcopy-active", "completed"), deadline, "source")
+        while dq.execute("query-status").get("status") != "running":
+            if time.monotonic() > deadline or dst.proc.poll() is not None:
+                raise Fail("the destination never ran")
+            time.sleep(0.2)
+        frames = [on_source + " (source)", check_frame(a, dq, 1, deadline) + " (destination)"]
+        sq.execute("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+        dst.ser.send("next")
+        dst.ser.wait_for(r"^BLOBTEST: DRAWN 2\b", deadline, dst.proc)
+        frames.append(check_frame(a, dq, 2, deadline) + " (destination)")
+        wait_status(sq, ("completed",), deadline, "source")
+        wait_status(dq, ("completed",), deadline, "destination")
+        dst.ser.send("next")
+        dst.ser.wait_for(r"^BLOBTEST: DONE", deadline, dst.proc)
+        res = what_served(src.trace_log)["res"]
+        out = {"ok": True, "frames": frames}
+        out.update(what_served(dst.trace_log, res))
+        out["late"], out["resolved"] = late_pages(dst.trace_log, res)
+        return out
+    finally:
+        src.kill()
+        if dst:
+            dst.kill()
+
+
 def run(a):
     os.makedirs(a.workdir, exist_ok=True)
+    if a.migrate:
+        start = time.monotonic()
+        out = run_postcopy(a, start + a.timeout)
+        out["secs"] = round(time.monotonic() - start, 1)
+        return out
     serial = os.path.join(a.workdir, "serial")
     qmp_path = os.path.join(a.workdir, "qmp.sock")
     trace_log = os.path.join(a.workdir, "trace.log")
@@ -264,6 +414,8 @@ def main():
     p.add_argument("--size", help="WxH: the display size virtio-gpu offers (default 1280x800)")
     p.add_argument("--fragment", type=int, default=0,
                    help="pages of guest memory the guest fragments before loading virtio-gpu")
+    p.add_argument("--migrate", choices=["postcopy"],
+                   help="migrate the guest to a second QEMU after frame 1, with postcopy")
     a = p.parse_args()
     a.xres = a.yres = None
     if a.size:

@@ -228,8 +228,15 @@ boot() {
   [ -s "$W/$name.json" ] || echo '{"ok": false, "why": "blobtest.py printed nothing (timed out?)"}' >"$W/$name.json"
   if ! json "$name" ok | grep -qx True; then
     say "$name failed; its serial console and QEMU's messages:"
-    tail -n 30 "$W/$name/serial.log" 2>/dev/null | tr -d '\r' | sed "s/^/  [$name serial] /" >&2 || true
-    sed "s/^/  [$name qemu] /" "$W/$name/qemu.stderr" >&2 2>/dev/null || true
+    # serial.log, or src-serial.log and dst-serial.log for a migration; likewise stderr.
+    for f in "$W/$name"/*serial.log; do
+      [ -f "$f" ] || continue
+      t=$(basename "$f" serial.log)
+      tail -n 30 "$f" | tr -d '\r' | sed "s/^/  [$name ${t}serial] /" >&2 || true
+    done
+    for f in "$W/$name"/*qemu.stderr; do
+      [ -f "$f" ] && sed "s/^/  [$name $(basename "$f" .stderr)] /" "$f" >&2
+    done
   fi
 }
 # json NAME KEY: a field of $W/NAME.json.
@@ -238,6 +245,9 @@ json() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get(sy
 boot memfd "$PATCHED" memfd
 boot hugetlbfs "$PATCHED" "hugetlbfs:$HUGE_DIR"
 boot stock "$STOCK" memfd --expect refused
+# Postcopy: frame 1 drawn on a source, the switch made before the framebuffer's pages
+# are sent, the destination maps the blob while they are still on the source.
+boot postcopy "$PATCHED" memfd --migrate postcopy
 
 # ------------------------------------------------------------------ verdict
 problems=()
@@ -267,13 +277,26 @@ if [ "$(json hugetlbfs ok)" = True ]; then
 else
   problems+=("hugetlbfs: $(json hugetlbfs why)")
 fi
+if [ "$(json postcopy ok)" = True ]; then
+  late=$(json postcopy late)
+  if [ "$(json postcopy path)" != view ]; then
+    problems+=("postcopy: the destination's blob was not an iovmap view ($(json postcopy reason))")
+  elif ! [ "${late:-0}" -gt 0 ] 2>/dev/null; then
+    # Every page had arrived before the view was made: nothing was tested.
+    problems+=("postcopy: no page of the blob was still on the source when its view was made (late=${late:-?})")
+  else
+    echo "postcopy: $late of the blob's pages arrived after its view was needed, pixels match"
+  fi
+else
+  problems+=("postcopy: $(json postcopy why)")
+fi
 if [ "$(json stock ok)" = True ]; then
   echo "stock QEMU: refused ($(json stock refused))"
 else
   problems+=("stock QEMU: $(json stock why)")
 fi
 
-for n in memfd hugetlbfs; do
+for n in memfd hugetlbfs postcopy; do
   [ "$(json $n ok)" = True ] || continue
   case $(json $n path) in
     view) served="map time $(json $n ns) ns" ;;
