@@ -61,6 +61,22 @@ impl DmaBuf {
         self.len
     }
 
+    /// Which kernel driver made the buffer (`exp_name` in `/proc/self/fdinfo`):
+    /// `udmabuf` for kernel-built runs of guest RAM, `vfio-pci` for exported BAR runs.
+    /// See [`dmabuf_exporter`].
+    ///
+    /// ```
+    /// # fn f(buf: &iovmap::DmaBuf) -> std::io::Result<()> {
+    /// println!("made by {}", buf.exporter()?);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`dmabuf_exporter`].
+    pub fn exporter(&self) -> std::io::Result<String> {
+        dmabuf_exporter(self.fd())
+    }
+
     /// The fd, handed over: the caller owns the buffer from now on.
     ///
     /// ```
@@ -130,4 +146,29 @@ impl DmaBufs {
     pub fn into_buffers(self) -> Vec<DmaBuf> {
         self.buffers
     }
+}
+
+/// The exporter of the dma-buf `fd`, the kernel driver that made it (`exp_name` in
+/// `/proc/self/fdinfo/<fd>`): `udmabuf`, `vfio-pci`, a GPU driver's name.
+///
+/// ```
+/// // A memfd is no dma-buf: its fdinfo has no exporter.
+/// let memfd = unsafe { libc::memfd_create(c"not-a-dmabuf".as_ptr(), libc::MFD_CLOEXEC) };
+/// let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(memfd) };
+/// assert_eq!(iovmap::dmabuf_exporter(fd).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+/// # unsafe { libc::close(memfd) };
+/// ```
+///
+/// # Errors
+/// The read of `/proc/self/fdinfo` failing, or `InvalidData` when the fd is not a
+/// dma-buf (its fdinfo names no exporter).
+pub fn dmabuf_exporter(fd: BorrowedFd<'_>) -> std::io::Result<String> {
+    use std::os::fd::AsRawFd;
+    let path = std::ffi::CString::new(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).expect("no NUL in a path");
+    let mut info = Vec::new();
+    crate::sys::read_file(&path, &mut info)?;
+    String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|l| l.strip_prefix("exp_name:").map(|n| n.trim().to_string()))
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not a dma-buf: no exp_name in its fdinfo"))
 }

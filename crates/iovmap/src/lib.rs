@@ -85,7 +85,7 @@ pub mod vfio;
 mod view;
 mod vma;
 
-pub use dmabuf::{DmaBuf, DmaBufs};
+pub use dmabuf::{DmaBuf, DmaBufs, dmabuf_exporter};
 pub use error::{Error, Operation, RegionContext, RegionError};
 pub use options::{Access, MapOptions, Placement};
 pub use regions::{FileId, RegionId};

@@ -264,6 +264,66 @@ impl Remapper {
         self.commit(&spans, context, Some(VfioRegion { index: info.index, offset: info.offset }))
     }
 
+    /// Registers one mmap of vfio region `index`: the `len` bytes at `addr`, which the VMM
+    /// mapped from `device_fd` at `region_offset + offset_in_region` (`region_offset` is
+    /// the region's offset in the device fd, as `VFIO_DEVICE_GET_REGION_INFO` reports
+    /// it). For VMMs that mmap each area of a region on its own, at an address the kernel
+    /// chooses (QEMU's `vfio_region_mmap`): one registration per mmap, unregistered with
+    /// [`Remapper::unregister`] before the mmap goes. Runs there are fd-mapped where the
+    /// clone is refused, and [`Remapper::dmabufs`] exports them through vfio-pci (Linux
+    /// 6.19+), consecutive runs of one registration in one dma-buf.
+    ///
+    /// What is verified is as for [`Remapper::register`]: the device fd's file must be
+    /// the file mapped at `addr`; the offset the kernel reports for a BAR mapping is
+    /// driver-defined, so it is recorded, not compared with the fd offset.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let page = iovmap::page_size();
+    /// # let memfd = unsafe { libc::memfd_create(c"stand-in".as_ptr(), libc::MFD_CLOEXEC) };
+    /// # assert!(unsafe { libc::ftruncate(memfd, 8 * page as i64) } == 0);
+    /// # let device = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(memfd) };
+    /// // A memfd stands in for the device fd; region 2 starts at 4 pages in it, and the
+    /// // VMM mapped the region's second and third pages.
+    /// let (region_offset, in_region) = (4 * page as u64, page as u64);
+    /// let bar = unsafe { libc::mmap(std::ptr::null_mut(), 2 * page, libc::PROT_READ | libc::PROT_WRITE,
+    ///     libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(&device), (region_offset + in_region) as i64) };
+    /// let mut remapper = iovmap::Remapper::new();
+    /// let id = remapper.register_vfio_mmap(&device, 2, region_offset, in_region, bar.cast(), 2 * page)?;
+    /// let r = remapper.regions().next().unwrap();
+    /// assert_eq!((r.id, r.offset), (id, 5 * page as u64));
+    /// # unsafe { libc::munmap(bar, 2 * page) };
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidRegion`] (with context [`RegionContext::Vfio`]), as for
+    /// [`Remapper::register`]: unaligned, not mapped, not the device's file, an overlap,
+    /// an offset that overflows. Nothing is registered then.
+    pub fn register_vfio_mmap(
+        &mut self,
+        device_fd: impl AsFd,
+        index: u32,
+        region_offset: u64,
+        offset_in_region: u64,
+        addr: *const u8,
+        len: usize,
+    ) -> Result<RegionId, Error> {
+        let device_fd = device_fd.as_fd();
+        let context = RegionContext::Vfio { index };
+        let fd_offset = region_offset.checked_add(offset_in_region).ok_or(Error::InvalidRegion {
+            addr: addr as usize,
+            len,
+            offset: region_offset,
+            context,
+            kind: RegionError::OffsetOverflow,
+        })?;
+        let anon = crate::remapper::anon_file_id();
+        let span =
+            self.check_region(addr as usize, len, device_fd, fd_offset, &mut ProcessVmas::new(), anon, context)?;
+        self.commit(&[(span, Some(device_fd))], context, Some(VfioRegion { index, offset: region_offset }))
+    }
+
     /// Registers BAR `index` of `device`, which the VMM has mmapped at `addr` (the whole
     /// region, or its sparse areas each at `addr + area offset`), honouring the region's
     /// flags and sparse-mmap capability. See [`Remapper::register_vfio_region_info`].

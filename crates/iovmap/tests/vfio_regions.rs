@@ -159,3 +159,55 @@ fn dma_bufs_of_bar_runs_are_vfio_pci_exports() {
     let e = plain.dmabufs(&list).unwrap_err();
     assert!(matches!(e, Error::KernelBuilt { index: 0, reason: KernelBuiltError::NotMemfd }), "{e:?}");
 }
+
+#[test]
+fn one_mmap_of_a_region_registers_with_its_index_and_offsets() {
+    // QEMU mmaps each area of a vfio region on its own: a BPF array (mappable at any
+    // offset, refuses the clone) stands in for region 2's device fd, mapped from two
+    // pages into the region, which starts at offset 0 of the fd.
+    let array = match BpfArray::new(8) {
+        Ok(a) => a,
+        Err(e) => skip!("{e}"),
+    };
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let area = Mapping::new(4 * page(), rw, libc::MAP_SHARED, Some(array.fd()), 2 * page() as u64).unwrap();
+    // SAFETY: the array's mapping, in bounds; the area maps its pages 2-5.
+    unsafe { array.map.ptr().add(3 * page() + 7).write_volatile(0x5a) };
+    let ram = GuestRam::new(2 * page()).unwrap();
+    let mut r = Remapper::new();
+    let id = r.register_vfio_mmap(array.fd(), 2, 0, 2 * page() as u64, area.ptr(), area.len()).unwrap();
+    let g = r.regions().next().unwrap();
+    assert_eq!((g.id, g.offset, g.len), (id, 2 * page() as u64, 4 * page()));
+    // Region page 3 (the area's page 1), then RAM: the BAR run is fd-mapped at its offset.
+    let view = r.map(&[area.iov(page(), page()), ram.iov(0, page())]).unwrap();
+    assert_eq!((view.stats().runs, view.stats().fd_mapped), (2, 1));
+    assert_eq!(unsafe { view.as_ptr().add(7).read_volatile() }, 0x5a);
+    drop(view);
+    // Its runs are vfio BAR runs: exported through the device fd (refused here, ENOTTY:
+    // a BPF map is no vfio device), naming the segment.
+    let e = r.dmabufs(&[area.iov(0, 2 * page())]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::KernelBuilt { index: 0, reason: KernelBuiltError::BarExportRefused { errno: libc::ENOTTY } }
+        ),
+        "{e:?}"
+    );
+    // A second registration over it overlaps; an offset that overflows is refused.
+    let e = r.register_vfio_mmap(array.fd(), 2, 0, 2 * page() as u64, area.ptr(), page()).unwrap_err();
+    assert!(matches!(e, Error::InvalidRegion { kind: iovmap::RegionError::Overlap { .. }, .. }), "{e:?}");
+    r.unregister(id).unwrap();
+    let e = r.register_vfio_mmap(array.fd(), 2, u64::MAX, page() as u64, area.ptr(), page()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidRegion {
+                kind: iovmap::RegionError::OffsetOverflow,
+                context: iovmap::RegionContext::Vfio { index: 2 },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(r.regions().count(), 0);
+}

@@ -16,6 +16,28 @@ use super::Guest;
 
 impl Guest {
     pub(super) fn bar_dmabufs(&self, remapper: &Remapper, c: &mut Checks) {
+        self.bar_dmabufs_of("bar-dmabufs", remapper, c);
+        // The BAR registered as one mmap of region 2 (what QEMU's vfio code holds: the
+        // device fd, the region's index and offset, the mmap's offset in it).
+        let r2 = self.dev.region(2);
+        let mut per_mmap = Remapper::new();
+        match per_mmap.register_vfio_mmap(
+            // SAFETY: the device owns the fd and outlives the call (registration dups it).
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(self.dev.device.as_raw_fd()) },
+            2,
+            r2.offset,
+            0,
+            self.bar.ptr(),
+            self.bar.len(),
+        ) {
+            Ok(_) => self.bar_dmabufs_of("bar-dmabufs-per-mmap", &per_mmap, c),
+            Err(e) => {
+                c.check("bar-dmabufs-per-mmap", Err(format!("register_vfio_mmap of BAR2: {e}")));
+            }
+        }
+    }
+
+    fn bar_dmabufs_of(&self, name: &str, remapper: &Remapper, c: &mut Checks) {
         let p = page();
         // Two runs of BAR2 (three pages): one export with two ranges.
         let list = [
@@ -26,18 +48,17 @@ impl Guest {
         let exports = facts::vfio_dmabuf_of(self.dev.device.as_raw_fd());
         let res = remapper.dmabufs(&self.iov(&list));
         c.check(
-            "bar-dmabufs",
+            name,
             match (&res, exports.yes) {
                 (Ok(bufs), true) => match bufs.buffers() {
-                    [b] if b.offset() == 0 && b.len() == 3 * p => {
-                        fdinfo(b.fd().as_raw_fd()).and_then(|(size, exporter)| {
-                            if size == (3 * p) as u64 && exporter.contains("vfio") {
-                                Ok(format!("one dma-buf of 2 BAR runs ({size} bytes, exporter {exporter}); {exports}"))
-                            } else {
-                                Err(format!("fdinfo says size {size}, exporter {exporter}"))
-                            }
-                        })
-                    }
+                    [b] if b.offset() == 0 && b.len() == 3 * p => fdinfo_size(b.fd().as_raw_fd()).and_then(|size| {
+                        let exporter = b.exporter().map_err(|e| format!("exporter: {e}"))?;
+                        if size == (3 * p) as u64 && exporter.contains("vfio") {
+                            Ok(format!("one dma-buf of 2 BAR runs ({size} bytes, exporter {exporter}); {exports}"))
+                        } else {
+                            Err(format!("fdinfo says size {size}, exporter {exporter}"))
+                        }
+                    }),
                     other => Err(format!("want one dma-buf of {:#x} bytes at 0, got {other:?}", 3 * p)),
                 },
                 (
@@ -50,14 +71,9 @@ impl Guest {
     }
 }
 
-/// What /proc/self/fdinfo says of a dma-buf: its size and its exporter's name.
-fn fdinfo(fd: i32) -> Result<(u64, String), String> {
+/// The size /proc/self/fdinfo gives a dma-buf.
+fn fdinfo_size(fd: i32) -> Result<u64, String> {
     let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).map_err(|e| format!("fdinfo: {e}"))?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
-            .ok_or(format!("no {name} in {text}"))
-    };
-    let size = field("size:")?.parse().map_err(|e| format!("size: {e}"))?;
-    Ok((size, field("exp_name:")?))
+    let size = text.lines().find_map(|l| l.strip_prefix("size:")).ok_or(format!("no size: in {text}"))?;
+    size.trim().parse().map_err(|e| format!("size: {e}"))
 }
