@@ -345,6 +345,33 @@ int iovmap_register(struct iovmap_remapper *r,
                     uint64_t offset);
 
 /**
+ * Registers one mmap of a vfio-pci region: the `len` bytes at `addr`, which the VMM
+ * mapped from the vfio device fd `device_fd` at `region_offset + offset_in_region`, where
+ * `region_offset` is the region's offset in the device fd and `region_index` its index
+ * (both from `VFIO_DEVICE_GET_REGION_INFO`; QEMU: `region->nr`, `region->fd_offset`, and
+ * the mmap's `mmaps[i].offset`). As `iovmap_register` does, it lets runs there be mapped
+ * from the device fd (the kernel will not clone a BAR), and in addition
+ * `iovmap_dmabufs_new` exports them as dma-bufs through vfio-pci (Linux 6.19+), which
+ * needs the region's index and offset. Register each mmap where it is made, and
+ * `iovmap_unregister` it (by `addr`) before it is unmapped.
+ *
+ * Returns `IOVMAP_OK`, `IOVMAP_E_INVALID_ARGUMENT` (NULL remapper, negative or closed
+ * fd) or `IOVMAP_E_INVALID_REGION` (the message says what is wrong: not mapped, not the
+ * device's file, unaligned, an overlap). On error nothing is registered.
+ *
+ * # Safety
+ * As `iovmap_register`: `r` is NULL or a live remapper no other call uses meanwhile;
+ * `device_fd` stays open during the call; `addr` is only looked up.
+ */
+int iovmap_register_vfio(struct iovmap_remapper *r,
+                         const void *addr,
+                         size_t len,
+                         int device_fd,
+                         uint32_t region_index,
+                         uint64_t region_offset,
+                         uint64_t offset_in_region);
+
+/**
  * Forgets the region registered at `addr` (the address given to `iovmap_register`) and
  * closes its duplicated fd. Views already made keep working.
  *
@@ -528,6 +555,19 @@ int iovmap_dmabufs_take(struct iovmap_dmabufs *l, size_t index);
  * during or after this one.
  */
 void iovmap_dmabufs_free(struct iovmap_dmabufs *l);
+
+/**
+ * Writes the name of the kernel driver that exported the dma-buf `fd` (`exp_name` in
+ * `/proc/self/fdinfo`: `udmabuf` for kernel-built runs of guest RAM, `vfio-pci` for BAR
+ * runs) into `buf`, NUL-terminated, truncated to `size` bytes.
+ *
+ * Returns `IOVMAP_OK`, `IOVMAP_E_INVALID_ARGUMENT` (NULL `buf`, `size` 0, a negative or
+ * closed fd) or `IOVMAP_E_OS` (fdinfo unreadable, or the fd is no dma-buf).
+ *
+ * # Safety
+ * `buf` is NULL or points to `size` writable bytes.
+ */
+int iovmap_dmabuf_exporter(int fd, char *buf, size_t size);
 
 /**
  * The message of the last error on the calling thread, or an empty string when the

@@ -272,3 +272,36 @@ pub unsafe extern "C" fn iovmap_dmabufs_free(l: *mut IovmapDmabufs) {
         }
     })
 }
+
+/// Writes the name of the kernel driver that exported the dma-buf `fd` (`exp_name` in
+/// `/proc/self/fdinfo`: `udmabuf` for kernel-built runs of guest RAM, `vfio-pci` for BAR
+/// runs) into `buf`, NUL-terminated, truncated to `size` bytes.
+///
+/// Returns `IOVMAP_OK`, `IOVMAP_E_INVALID_ARGUMENT` (NULL `buf`, `size` 0, a negative or
+/// closed fd) or `IOVMAP_E_OS` (fdinfo unreadable, or the fd is no dma-buf).
+///
+/// # Safety
+/// `buf` is NULL or points to `size` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iovmap_dmabuf_exporter(fd: c_int, buf: *mut std::ffi::c_char, size: usize) -> c_int {
+    const F: &str = "iovmap_dmabuf_exporter";
+    guard(F, || {
+        if buf.is_null() || size == 0 {
+            return Err(Failure::argument(F, "buf is NULL or size is 0"));
+        }
+        // SAFETY: the caller keeps the fd open during the call (contract).
+        let fd = unsafe { crate::open_fd(F, fd) }?;
+        let name = iovmap_core::dmabuf_exporter(fd).map_err(|e| Failure {
+            code: IovmapCode::IOVMAP_E_OS,
+            message: format!("{F}: {e}"),
+            index: None,
+        })?;
+        let n = name.len().min(size - 1);
+        // SAFETY: `buf` has `size` writable bytes (contract) and `n + 1 <= size`.
+        unsafe {
+            ptr::copy_nonoverlapping(name.as_ptr(), buf.cast::<u8>(), n);
+            buf.add(n).write(0);
+        }
+        Ok(())
+    })
+}

@@ -90,9 +90,9 @@ mod userfaultfd;
 
 pub use dmabuf::IovmapDeclined::{self, *};
 pub use dmabuf::{
-    IovmapDmabuf, IovmapDmabufs, IovmapKernelBuilt, iovmap_dmabufs_count, iovmap_dmabufs_free, iovmap_dmabufs_get,
-    iovmap_dmabufs_lead, iovmap_dmabufs_len, iovmap_dmabufs_new, iovmap_dmabufs_take, iovmap_view_dmabuf,
-    iovmap_view_dmabuf_count, iovmap_view_kernel_built,
+    IovmapDmabuf, IovmapDmabufs, IovmapKernelBuilt, iovmap_dmabuf_exporter, iovmap_dmabufs_count, iovmap_dmabufs_free,
+    iovmap_dmabufs_get, iovmap_dmabufs_lead, iovmap_dmabufs_len, iovmap_dmabufs_new, iovmap_dmabufs_take,
+    iovmap_view_dmabuf, iovmap_view_dmabuf_count, iovmap_view_kernel_built,
 };
 pub use error::IovmapCode::{self, *};
 use error::{Failure, guard, guard_value};
@@ -275,6 +275,45 @@ pub(crate) unsafe fn open_fd<'a>(function: &str, fd: c_int) -> Result<BorrowedFd
     }
     // SAFETY: the fd is open, not -1, and stays open for the borrow (caller's contract).
     Ok(unsafe { BorrowedFd::borrow_raw(fd) })
+}
+
+/// Registers one mmap of a vfio-pci region: the `len` bytes at `addr`, which the VMM
+/// mapped from the vfio device fd `device_fd` at `region_offset + offset_in_region`, where
+/// `region_offset` is the region's offset in the device fd and `region_index` its index
+/// (both from `VFIO_DEVICE_GET_REGION_INFO`; QEMU: `region->nr`, `region->fd_offset`, and
+/// the mmap's `mmaps[i].offset`). As `iovmap_register` does, it lets runs there be mapped
+/// from the device fd (the kernel will not clone a BAR), and in addition
+/// `iovmap_dmabufs_new` exports them as dma-bufs through vfio-pci (Linux 6.19+), which
+/// needs the region's index and offset. Register each mmap where it is made, and
+/// `iovmap_unregister` it (by `addr`) before it is unmapped.
+///
+/// Returns `IOVMAP_OK`, `IOVMAP_E_INVALID_ARGUMENT` (NULL remapper, negative or closed
+/// fd) or `IOVMAP_E_INVALID_REGION` (the message says what is wrong: not mapped, not the
+/// device's file, unaligned, an overlap). On error nothing is registered.
+///
+/// # Safety
+/// As `iovmap_register`: `r` is NULL or a live remapper no other call uses meanwhile;
+/// `device_fd` stays open during the call; `addr` is only looked up.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iovmap_register_vfio(
+    r: *mut IovmapRemapper,
+    addr: *const c_void,
+    len: usize,
+    device_fd: c_int,
+    region_index: u32,
+    region_offset: u64,
+    offset_in_region: u64,
+) -> c_int {
+    const F: &str = "iovmap_register_vfio";
+    guard(F, || {
+        // SAFETY: `r` is NULL or a live remapper nobody else uses meanwhile (contract).
+        let r = unsafe { r.as_mut() }.ok_or_else(|| Failure::argument(F, "the remapper is NULL"))?;
+        // SAFETY: the fd is open (checked) and the caller keeps it open during the call;
+        // iovmap duplicates it before returning and keeps only the duplicate.
+        let fd = unsafe { open_fd(F, device_fd) }?;
+        r.inner.register_vfio_mmap(fd, region_index, region_offset, offset_in_region, addr.cast(), len)?;
+        Ok(())
+    })
 }
 
 /// Forgets the region registered at `addr` (the address given to `iovmap_register`) and

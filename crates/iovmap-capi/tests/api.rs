@@ -769,3 +769,49 @@ fn userfaultfd_registrations_guard_every_view() {
     assert_eq!(iovmap_uffd_declare_disarmed(base, len), IOVMAP_OK.raw());
     assert!(r.map(&list, 0).is_ok(), "read-write once disarmed: {}", last_message());
 }
+
+#[test]
+fn a_vfio_region_mmap_registers_and_its_runs_are_exported_or_refused() {
+    let array = match iovmap_testkit::BpfArray::new(8) {
+        Ok(a) => a,
+        Err(e) => skip!("{e}"),
+    };
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let area = Mapping::new(4 * page(), rw, libc::MAP_SHARED, Some(array.fd()), 2 * page() as u64).unwrap();
+    let r = Remapper::new();
+    let (fd, addr) = (array.fd().as_raw_fd(), area.ptr().cast::<c_void>());
+    // SAFETY: a live remapper only this thread uses; `addr` is only looked up.
+    unsafe {
+        assert_error(
+            iovmap_register_vfio(r.0, addr, area.len(), -1, 2, 0, 0),
+            IOVMAP_E_INVALID_ARGUMENT,
+            -1,
+            &["negative"],
+        );
+        assert_eq!(
+            iovmap_register_vfio(r.0, addr, area.len(), fd, 2, 0, 2 * page() as u64),
+            IOVMAP_OK.raw(),
+            "{}",
+            last_message()
+        );
+    }
+    let view = r.map(&[area.iov(page(), page())], 0).unwrap();
+    assert_eq!(view.stats().3, 1, "fd-mapped from the device fd");
+    drop(view);
+    // The export goes to the (stand-in) device: refused, ENOTTY, as before Linux 6.19.
+    let list = [area.iov(0, page())];
+    let mut out = ptr::null_mut();
+    // SAFETY: a live remapper, one readable iovec, a writable out pointer.
+    let rc = unsafe { iovmap_dmabufs_new(r.0, list.as_ptr(), 1, &mut out) };
+    assert_error(rc, IOVMAP_E_KERNEL_BUILT, 0, &["VFIO_DEVICE_FEATURE_DMA_BUF"]);
+    assert!(out.is_null());
+    // SAFETY: as above.
+    assert_eq!(unsafe { iovmap_unregister(r.0, addr) }, IOVMAP_OK.raw());
+    // Who made a dma-buf: a BPF map is none, and the arguments are checked.
+    let mut name = [0 as std::ffi::c_char; 32];
+    // SAFETY: `name` has 32 writable bytes.
+    unsafe {
+        assert_error(iovmap_dmabuf_exporter(fd, name.as_mut_ptr(), name.len()), IOVMAP_E_OS, -1, &["not a dma-buf"]);
+        assert_error(iovmap_dmabuf_exporter(fd, ptr::null_mut(), 8), IOVMAP_E_INVALID_ARGUMENT, -1, &["NULL"]);
+    }
+}

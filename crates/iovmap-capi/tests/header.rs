@@ -123,6 +123,9 @@ const API: &[&str] = &[
     "iovmap_uffd_declare_armed",
     "iovmap_uffd_declare_disarmed",
     "iovmap_uffd_resolve",
+    // 0.3: vfio region mmaps, and who made a dma-buf.
+    "iovmap_register_vfio",
+    "iovmap_dmabuf_exporter",
     "iovmap_last_error_message",
     "iovmap_last_error_index",
     "iovmap_strerror",
