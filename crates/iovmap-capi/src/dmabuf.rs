@@ -138,16 +138,19 @@ pub struct IovmapDmabufs {
     len: usize,
 }
 
-/// Builds the dma-bufs of the `iovcnt` iovecs at `iov` through udmabuf, with no CPU
-/// mapping, for VMMs that only pass guest memory on (to a GPU, a display, an encoder),
-/// and stores the list in `*out`. Every iovec must lie in a region registered with a
-/// memfd udmabuf takes (F_SEAL_SHRINK set, F_SEAL_WRITE not), mapped writable. A list that
-/// fits one buffer (udmabuf's `list_limit` entries and `size_limit_mb`) gives one dma-buf.
+/// Builds the dma-bufs of the `iovcnt` iovecs at `iov`, with no CPU mapping, for VMMs
+/// that only pass guest memory on (to a GPU, a display, an encoder), and stores the list
+/// in `*out`. Every iovec must lie in a region registered with a memfd udmabuf takes
+/// (F_SEAL_SHRINK set, F_SEAL_WRITE not: made through udmabuf) or in a vfio-pci region
+/// registered with `iovmap_register_vfio` (exported by vfio-pci, Linux 6.19+), mapped
+/// writable. Consecutive runs of one kind share a buffer, so a list that fits one buffer
+/// (udmabuf's `list_limit` entries and `size_limit_mb`; one BAR mmap) gives one dma-buf.
 /// The kernel keeps the pages pinned while a buffer lives.
 ///
 /// Returns `IOVMAP_OK`, or a negative code with `*out` set to NULL and nothing left open:
-/// `IOVMAP_E_KERNEL_BUILT` names the iovec udmabuf cannot take and why, and the list
-/// errors of `iovmap_map` apply.
+/// `IOVMAP_E_KERNEL_BUILT` names the iovec that cannot be made a dma-buf and why (not
+/// registered, not a sealed memfd, no `/dev/udmabuf`, vfio-pci will not export it), and
+/// the list errors of `iovmap_map` apply (`IOVMAP_E_WRITE_PROTECTED` included).
 ///
 /// # Safety
 /// As `iovmap_map`: `r` is NULL or a live remapper not being changed meanwhile, `iov` is
