@@ -324,6 +324,8 @@ vm_boot() {
   truncate -s "$VM_BAR_SIZE" "$dir/bar2.bin" && truncate -s 1M "$dir/nvme.img" || { VM_WHY="cannot create backing files in $dir"; return 1; }
   args="panic=-1 quiet vmtest.stress=$VM_STRESS_SECS vmtest.threads=$VM_THREADS vmtest.max_map_count=$VM_MAX_MAP_COUNT"
   [ -z "$VM_BENCH" ] || args="$args vmtest.bench=$VM_BENCH"
+  # More of the guest's command line, for other /init scripts (integrations/qemu/nested.sh).
+  [ -z "${VM_APPEND:-}" ] || args="$args $VM_APPEND"
   # x86_64 guests run their vCPUs on one host thread (thread=single): with one thread per
   # vCPU, the 7.2 guest once died of `Oops: int3` in __schedule while perf_event_open
   # enabled a static key (int3-based text patching racing the other vCPU under TCG).
