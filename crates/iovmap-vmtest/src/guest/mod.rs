@@ -3,6 +3,7 @@
 //! views (`views`), the nvme BAR (`nvme`), the hole window (`probe`), the stress
 //! scenarios (`stress`), and the BAR's final image, which `host-check` reads on the host.
 
+mod bar_cost;
 mod cost;
 mod dmabufs;
 mod kernel;
@@ -167,6 +168,7 @@ impl Guest {
         self.read_only_view(&remapper, c);
         self.fragmented_view(&remapper, c);
         self.bar_dmabufs(&remapper, c);
+        self.bar_map_cost(&remapper, c);
         self.unregister(&mut remapper, c);
         drop(remapper);
         let after = (mem::vma_count().unwrap_or(0), mem::fd_count().unwrap_or(0));
