@@ -208,21 +208,65 @@ const QUERY_MISSING: u8 = 2;
 /// Whether this kernel answers PROCMAP_QUERY; learned on first use.
 static QUERY_SUPPORT: AtomicU8 = AtomicU8::new(QUERY_UNKNOWN);
 
-/// An open `/proc/self/maps` for PROCMAP_QUERY, with the pid it was opened by: after a
-/// fork the child's copy still describes the parent, so it is reopened when the pid
-/// changes. Queries are serialised (they are rare: one per VMA per map call).
-static MAPS_FD: Mutex<Option<(libc::pid_t, OwnedFd)>> = Mutex::new(None);
+/// An open `/proc/self/maps` for PROCMAP_QUERY: after a fork the child's copy still
+/// describes the parent, so it is reopened in a child. Queries are serialised (they are
+/// rare: one per VMA per map call).
+static MAPS_FD: Mutex<Option<MapsFd>> = Mutex::new(None);
+
+struct MapsFd {
+    fd: OwnedFd,
+    /// Who opened it: how a child tells that it is not its own.
+    opener: Opener,
+}
+
+/// How a process tells that the maps fd it holds was opened by itself, not by the parent
+/// it was forked from.
+enum Opener {
+    /// A page of iovmap's, wiped in a fork's child (MADV_WIPEONFORK, Linux 4.14+), holds 1
+    /// in the process that opened the fd: one load a query, no syscall.
+    Witness(sys::WipeOnFork),
+    /// Where the kernel refuses MADV_WIPEONFORK: the opener's pid (one getpid a query).
+    Pid(libc::pid_t),
+}
+
+impl Opener {
+    fn new() -> Self {
+        match sys::WipeOnFork::new() {
+            Ok(page) => Opener::Witness(page),
+            Err(e) => {
+                log::debug!("iovmap: no MADV_WIPEONFORK ({e}): forks are told by the pid");
+                Opener::Pid(sys::getpid())
+            }
+        }
+    }
+
+    /// Whether the calling process is the one that opened the fd.
+    fn is_us(&self) -> bool {
+        match self {
+            Opener::Witness(page) => page.is_set(),
+            Opener::Pid(pid) => *pid == sys::getpid(),
+        }
+    }
+}
 
 /// Runs `f` with this process's open /proc/self/maps (opened, or reopened after a fork,
 /// as needed), holding the lock for all of `f`.
 fn with_maps_fd<T>(f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<T>) -> io::Result<T> {
     let mut guard = MAPS_FD.lock().unwrap_or_else(|e| e.into_inner());
-    let pid = sys::getpid();
-    if guard.as_ref().is_none_or(|(owner, _)| *owner != pid) {
-        *guard = Some((pid, sys::open_read(c"/proc/self/maps")?));
+    if guard.as_ref().is_none_or(|m| !m.opener.is_us()) {
+        let fd = sys::open_read(c"/proc/self/maps")?;
+        // A child keeps its (wiped) page: set it again, now the fd is the child's.
+        let opener = match guard.take().map(|m| m.opener) {
+            Some(Opener::Witness(page)) => Opener::Witness(page),
+            _ => Opener::new(),
+        };
+        if let Opener::Witness(page) = &opener {
+            page.set();
+        }
+        *guard = Some(MapsFd { fd, opener });
     }
-    let (_, fd) = guard.as_ref().expect("opened above");
-    f(fd.as_fd())
+    let maps = guard.as_ref().expect("opened above");
+    f(maps.fd.as_fd())
 }
 
 /// The VMAs covering each of `addrs`, as the kernel says now (nothing cached): one

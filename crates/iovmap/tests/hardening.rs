@@ -10,7 +10,9 @@
 //!   before placing (>= 512 runs) and views that hit the cap while placing: a view or
 //!   `TooManyMappings`, never a half view or a bare ENOMEM;
 //! - views outliving every source (mappings unmapped, fds closed, remapper dropped), of
-//!   every kind of backing: they keep reading the same memory, and drop cleans up.
+//!   every kind of backing: they keep reading the same memory, and drop cleans up;
+//! - a forked child maps its own memory: the VMA lookups iovmap keeps open for the
+//!   process describe the child's address space, not the parent's.
 //!
 //! Like `leaks.rs`, this binary counts process-wide VMAs and fds, so it runs without the
 //! libtest harness, one check at a time on the main thread, after a warm-up.
@@ -36,6 +38,7 @@ fn main() {
         ("faults_and_errors_of_map_guest", faults_and_errors_of_map_guest),
         ("vma_cap_pressure_at_several_distances", vma_cap_pressure_at_several_distances),
         ("views_outlive_every_kind_of_source", views_outlive_every_kind_of_source),
+        ("a_forked_child_looks_up_its_own_mappings", a_forked_child_looks_up_its_own_mappings),
     ];
     kit::run_counting_checks("hardening", checks, steady::warm_up);
 }
@@ -437,4 +440,44 @@ fn views_outlive_every_kind_of_source() {
     }
     before.assert_unchanged("views outlived their sources, then dropped");
     println!("  outlived: {kinds:?}");
+}
+
+/// After a fork, the child's lookups describe the child. iovmap keeps /proc/self/maps
+/// open for PROCMAP_QUERY; the child inherits that fd, which still describes the parent.
+/// A mapping made only in the child must be found, and one unmapped only in the child
+/// must not be (a page wiped on fork tells the child to reopen the fd).
+fn a_forked_child_looks_up_its_own_mappings() {
+    let ram = GuestRam::new(8 * page()).unwrap();
+    ram.fill(4);
+    // The parent has used the lookups: the fd is open.
+    drop(iovmap::map(&[ram.iov(0, page()), ram.iov(2 * page(), page())]).unwrap());
+    // SAFETY: the child runs only this function's code and exits; this binary runs its
+    // checks on one thread, so no lock is held by another thread at the fork.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = std::panic::catch_unwind(|| {
+            let mine = GuestRam::new(4 * page()).unwrap();
+            mine.fill(6);
+            let view = iovmap::map(&[mine.iov(0, page()), mine.iov(2 * page(), page())])
+                .unwrap_or_else(|e| panic!("the child's own memory: {e}"));
+            assert_eq!(view.len(), 2 * page());
+            drop(view);
+            // Unmapped in the child only: the parent still has it.
+            let gone = ram.iov(4 * page(), page());
+            // SAFETY: the child's copy of the parent's RAM mapping, which nothing uses here.
+            unsafe { libc::munmap(gone.iov_base, page()) };
+            let e = iovmap::map(&[ram.iov(0, page()), gone]).unwrap_err();
+            assert!(matches!(e, Error::NotMapped { index: 1 }), "a page the child unmapped: {e:?}");
+        })
+        .map_or(1, |()| 0);
+        // SAFETY: leaving the child at once, without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child forked above.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child failed: status {status:#x}");
+    // And the parent's lookups still describe the parent.
+    drop(iovmap::map(&[ram.iov(4 * page(), page()), ram.iov(6 * page(), page())]).unwrap());
 }
