@@ -158,7 +158,7 @@ vm_build() {
   if [ "$VM_BENCH_BINS" = 1 ]; then
     vm_say "building the benchmark programs for $triple (interleaved, iovmap-demo)"
     env "${env[@]}" timeout -k 10 "$VM_BUILD_TIMEOUT" nice cargo build -q --manifest-path "$ROOT/Cargo.toml" --release \
-      -p iovmap-benches --bin interleaved -p iovmap-demo --target "$triple" \
+      -p iovmap-benches -p iovmap-demo --bin interleaved --bin iovmap-demo --target "$triple" \
       || { VM_WHY="cargo build of the benchmark programs for $triple failed or timed out"; return 1; }
     printf '%s\n' "$tdir/$triple/release/interleaved" "$tdir/$triple/release/iovmap-demo" >>"$out/bins"
   fi
