@@ -339,7 +339,11 @@ vm_boot() {
   case $ROW_ARCH in
     # q35 with an emulated VT-d (caching-mode=on, which vfio needs): Debian's kernels have
     # no vfio no-IOMMU mode, and vfio-ioctls wants a type1 container.
-    x86_64) q+=(-machine q35 -cpu max -append "console=ttyS0 intel_iommu=on $args" -device intel-iommu,caching-mode=on) ;;
+    # no_timer_check: at boot check_timer() wants 5 timer ticks within 160M TSC cycles
+    # (~62 ms of host time under TCG); a vCPU the host deschedules then misses ticks, and
+    # with interrupt remapping on (intel_iommu=on) the kernel panics ("timer doesn't work
+    # through Interrupt-remapped IO-APIC"). Kernels skip the check on KVM themselves.
+    x86_64) q+=(-machine q35 -cpu max -append "console=ttyS0 intel_iommu=on no_timer_check $args" -device intel-iommu,caching-mode=on) ;;
     # virt with an emulated SMMUv3 in front of its PCIe host bridge, and GICv3 with its
     # ITS: vfio's type1 backend refuses (EPERM) to attach a group whose MSIs are not
     # isolated, which the default GICv2 cannot do. pauth-impdef: the architected
