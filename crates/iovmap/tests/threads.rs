@@ -30,13 +30,33 @@ pub unsafe extern "C" fn pthread_create(
     arg: *mut c_void,
 ) -> c_int {
     CREATED.fetch_add(1, Ordering::SeqCst);
+    // SAFETY: the caller's arguments, as they came, to the C library's pthread_create.
+    unsafe { real_pthread_create()(thread, attr, start, arg) }
+}
+
+/// The C library's `pthread_create`. Linked dynamically: the next definition of the
+/// symbol. Linked statically (the guest matrix's builds), glibc's `pthread_create` is a
+/// weak alias this definition replaces, and the function itself is `__pthread_create`.
+#[cfg(not(target_feature = "crt-static"))]
+fn real_pthread_create() -> Create {
     // SAFETY: looks up the next definition of the symbol, the C library's.
     let real = unsafe { libc::dlsym(libc::RTLD_NEXT, c"pthread_create".as_ptr()) };
     assert!(!real.is_null(), "no pthread_create after this one");
     // SAFETY: that symbol is pthread_create, with this signature.
-    let real: Create = unsafe { std::mem::transmute::<*mut c_void, Create>(real) };
-    // SAFETY: the caller's arguments, as they came.
-    unsafe { real(thread, attr, start, arg) }
+    unsafe { std::mem::transmute::<*mut c_void, Create>(real) }
+}
+
+#[cfg(target_feature = "crt-static")]
+fn real_pthread_create() -> Create {
+    unsafe extern "C" {
+        fn __pthread_create(
+            t: *mut libc::pthread_t,
+            a: *const libc::pthread_attr_t,
+            s: Start,
+            arg: *mut c_void,
+        ) -> c_int;
+    }
+    __pthread_create
 }
 
 fn created() -> usize {
