@@ -100,6 +100,19 @@ fn w5_small(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("fd_arena", n), &w, |b, w| {
             b.iter(|| drop(fd_arena(ram.fd(), black_box(&w.pieces)).unwrap()))
         });
+        // As a consumer uses a view: map, read the first byte of every page, drop.
+        g.bench_with_input(BenchmarkId::new("iovmap_touched", n), &w, |b, w| {
+            b.iter(|| {
+                let v = remapper.map(black_box(&w.iovs)).unwrap();
+                black_box(read_pages(v.as_ptr(), v.len()));
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("naive_touched", n), &w, |b, w| {
+            b.iter(|| {
+                let m = naive_map(black_box(&w.iovs)).unwrap();
+                black_box(read_pages(m.ptr(), m.len()));
+            })
+        });
         let mut bounce = vec![0u8; w.bytes];
         // SAFETY: the sources are the benchmark's guest RAM, which nothing writes.
         g.bench_with_input(BenchmarkId::new("bounce_copy", n), &w, |b, w| {
@@ -111,6 +124,12 @@ fn w5_small(c: &mut Criterion) {
         b.iter(|| floor::reserve_clone_unmap(black_box(one.iovs[0].iov_base as *const u8), PAGE).unwrap())
     });
     g.finish();
+}
+
+/// Reads the first byte of every page of `[p, p + len)`, a live view or mapping.
+fn read_pages(p: *const u8, len: usize) -> u64 {
+    // SAFETY: the callers pass the range of a live view or mapping.
+    (0..len).step_by(PAGE).map(|o| u64::from(unsafe { p.add(o).read_volatile() })).sum()
 }
 
 fn teardown(c: &mut Criterion) {
