@@ -259,6 +259,33 @@ vm_add_module() {
   VM_MOD_FILE[$name]=$f
 }
 
+# vm_modules DIR ROOTFS: the vfio modules (and udmabuf where it is a module) of the
+# kernel vm_kernel fetched, unpacked into ROOTFS/lib/modules, their load order in
+# ROOTFS/lib/modules/order. vfio's type1 IOMMU backend is a softdep (modinfo -F depends
+# does not list it); udmabuf is loaded where it is a module, so that the fact says what
+# the kernel has.
+vm_modules() {
+  local dir=$1 r=$2 m f
+  mkdir -p "$r/lib/modules"
+  VM_MOD_INDEX=$dir/modules.index
+  find "$DEB_KERNEL_MODULES/kernel" -name '*.ko*' >"$VM_MOD_INDEX"
+  VM_MOD_ORDER=()
+  declare -gA VM_MOD_FILE=()
+  for m in vfio vfio_iommu_type1 vfio-pci; do vm_add_module "$m" || { VM_WHY="no module $m for $DEB_KERNEL_RELEASE"; return 1; }; done
+  vm_add_module udmabuf || true
+  : >"$r/lib/modules/order"
+  for m in "${VM_MOD_ORDER[@]}"; do
+    f=${VM_MOD_FILE[$m]}
+    case $f in
+      *.ko.xz) xz -dc "$f" >"$r/lib/modules/$m.ko" ;;
+      *.ko.zst) zstd -qdc "$f" >"$r/lib/modules/$m.ko" ;;
+      *.ko.gz) gzip -dc "$f" >"$r/lib/modules/$m.ko" ;;
+      *) cp "$f" "$r/lib/modules/$m.ko" ;;
+    esac || { VM_WHY="cannot unpack module $f"; return 1; }
+    echo "$m" >>"$r/lib/modules/order"
+  done
+}
+
 vm_initramfs() {
   local row=$1 dir=$2 r m f deb bins suite
   vm_row "$row"
@@ -291,25 +318,7 @@ vm_initramfs() {
     cp -r "$ROOT/fuzz/corpus" "$ROOT/fuzz/regressions" "$r/fuzz/" || { VM_WHY="cannot copy the fuzz corpora"; return 1; }
   fi
 
-  VM_MOD_INDEX=$dir/modules.index
-  find "$DEB_KERNEL_MODULES/kernel" -name '*.ko*' >"$VM_MOD_INDEX"
-  VM_MOD_ORDER=()
-  declare -gA VM_MOD_FILE=()
-  # vfio's type1 IOMMU backend is a softdep (modinfo -F depends does not list it);
-  # udmabuf is loaded where it is a module, so that the fact says what the kernel has.
-  for m in vfio vfio_iommu_type1 vfio-pci; do vm_add_module "$m" || { VM_WHY="no module $m for $DEB_KERNEL_RELEASE"; return 1; }; done
-  vm_add_module udmabuf || true
-  : >"$r/lib/modules/order"
-  for m in "${VM_MOD_ORDER[@]}"; do
-    f=${VM_MOD_FILE[$m]}
-    case $f in
-      *.ko.xz) xz -dc "$f" >"$r/lib/modules/$m.ko" ;;
-      *.ko.zst) zstd -qdc "$f" >"$r/lib/modules/$m.ko" ;;
-      *.ko.gz) gzip -dc "$f" >"$r/lib/modules/$m.ko" ;;
-      *) cp "$f" "$r/lib/modules/$m.ko" ;;
-    esac || { VM_WHY="cannot unpack module $f"; return 1; }
-    echo "$m" >>"$r/lib/modules/order"
-  done
+  vm_modules "$dir" "$r" || return 1
   cp "$HERE/guest-init.sh" "$r/init" && chmod +x "$r/init" || { VM_WHY="cannot install /init"; return 1; }
   # Uncompressed: the kernel unpacks it without decompressing (slow under TCG).
   (cd "$r" && find . | cpio -o -H newc --quiet >"$dir/initramfs.cpio") || { VM_WHY="cpio failed"; return 1; }

@@ -83,23 +83,7 @@ initramfs() {
   cp "$f" "$r/bin/busybox" || { VM_WHY="no busybox"; return 1; }
   for m in $("$r/bin/busybox" --list); do [ "$m" = busybox ] || ln -sf busybox "$r/bin/$m"; done
   ln -s bin "$r/sbin"
-  VM_MOD_INDEX=$dir/modules.index
-  find "$DEB_KERNEL_MODULES/kernel" -name '*.ko*' >"$VM_MOD_INDEX"
-  VM_MOD_ORDER=()
-  declare -gA VM_MOD_FILE=()
-  for m in vfio vfio_iommu_type1 vfio-pci; do vm_add_module "$m" || { VM_WHY="no module $m for $DEB_KERNEL_RELEASE"; return 1; }; done
-  vm_add_module udmabuf || true
-  : >"$r/lib/modules/order"
-  for m in "${VM_MOD_ORDER[@]}"; do
-    f=${VM_MOD_FILE[$m]}
-    case $f in
-      *.ko.xz) xz -dc "$f" >"$r/lib/modules/$m.ko" ;;
-      *.ko.zst) zstd -qdc "$f" >"$r/lib/modules/$m.ko" ;;
-      *.ko.gz) gzip -dc "$f" >"$r/lib/modules/$m.ko" ;;
-      *) cp "$f" "$r/lib/modules/$m.ko" ;;
-    esac || { VM_WHY="cannot unpack module $f"; return 1; }
-    echo "$m" >>"$r/lib/modules/order"
-  done
+  vm_modules "$dir" "$r" || return 1
   # The builds carry debug info (66 MiB): stripped, both fit in ~45 MiB.
   strip -o "$r/bin/qemu-system-x86_64" "$PATCHED" && strip -o "$r/bin/qemu-stock" "$STOCK" \
     || { VM_WHY="cannot strip the QEMU binaries"; return 1; }
