@@ -444,7 +444,7 @@ mod tests {
             let d = unsafe { CStr::from_ptr(iovmap_strerror(c.raw())) }.to_str().unwrap();
             assert!(d.starts_with(&format!("{c:?}: ")), "{c:?}: {d}");
         }
-        for unknown in [1, -16, c_int::MIN, c_int::MAX] {
+        for unknown in [1, -17, c_int::MIN, c_int::MAX] {
             // SAFETY: as above.
             assert_eq!(unsafe { CStr::from_ptr(iovmap_strerror(unknown)) }.to_str().unwrap(), "unknown iovmap code");
         }
