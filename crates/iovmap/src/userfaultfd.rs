@@ -26,7 +26,7 @@
 //! atomic load. Otherwise, for the pages of the list that lie in armed ranges:
 //!
 //! - WP: a view that can write (a read-write view, or dma-bufs, which an importer may
-//!   write) is refused with [`Error::WriteProtected`](crate::Error::WriteProtected),
+//!   write) is refused with [`Error::WriteProtected`],
 //!   naming the first such segment; a read-only view is built;
 //! - MISSING and MINOR: the pages are faulted in through the *source* mapping, the one
 //!   the monitor registered (`madvise(MADV_POPULATE_READ)`), which raises the monitor's
