@@ -512,7 +512,9 @@ fn extend(iovs: &[libc::iovec], from: usize, f: &mut Fast) -> Result<usize, Erro
         let (mut end, mut left, mut n) = (cursor, room, 0);
         for iov in q {
             let len = iov.iov_len;
-            if len == 0 || iov.iov_base as usize != end || len > left {
+            // One compare for "empty, or longer than what is left": an empty segment
+            // wraps to usize::MAX.
+            if iov.iov_base as usize != end || len.wrapping_sub(1) >= left {
                 break;
             }
             left -= len;
