@@ -20,18 +20,28 @@ unsafe extern "C" {
     fn iovmap_floor_map(iov: *const libc::iovec, n: usize, out: *mut *mut libc::c_void, out_len: *mut usize) -> i32;
 }
 
-/// The naive loop: reserve, then one mremap clone per iovec. The result unmaps on drop.
-pub fn naive_map(iovs: &[libc::iovec]) -> io::Result<Mapping> {
+/// The signature both C peers share: map `n` iovecs, return the mapping in `out`/`out_len`,
+/// 0 or a negative errno.
+type CMap = unsafe extern "C" fn(*const libc::iovec, usize, *mut *mut libc::c_void, *mut usize) -> i32;
+
+/// Runs one of the C peers over `iovs` and owns what it mapped.
+fn c_map(f: CMap, iovs: &[libc::iovec]) -> io::Result<Mapping> {
     let mut out = std::ptr::null_mut();
     let mut len = 0;
-    // SAFETY: `iovs` is a valid slice; the C code reads it and writes only `out`/`len`.
-    // It maps only into the reservation it creates.
-    let r = unsafe { iovmap_naive_map(iovs.as_ptr(), iovs.len(), &mut out, &mut len) };
+    // SAFETY: `f` is one of this crate's C peers (`naive.c`, `floor.c`): it reads the
+    // `iovs.len()` iovecs of a valid slice, writes only `out`/`len`, and maps only where the
+    // kernel chooses or into a reservation it creates itself.
+    let r = unsafe { f(iovs.as_ptr(), iovs.len(), &mut out, &mut len) };
     if r < 0 {
         return Err(io::Error::from_raw_os_error(-r));
     }
-    // SAFETY: the C code returned a mapping of `len` bytes that nothing else owns.
+    // SAFETY: on success the C code returned a mapping of `len` bytes that nothing else owns.
     Ok(unsafe { Mapping::from_raw(out.cast(), len) })
+}
+
+/// The naive loop: reserve, then one mremap clone per iovec. The result unmaps on drop.
+pub fn naive_map(iovs: &[libc::iovec]) -> io::Result<Mapping> {
+    c_map(iovmap_naive_map, iovs)
 }
 
 /// The floor: one pass over the list (coalescing adjacent iovecs, counting runs and
@@ -39,16 +49,7 @@ pub fn naive_map(iovs: &[libc::iovec]) -> io::Result<Mapping> {
 /// and one clone per run. What a map call cannot go below; it checks nothing, so only
 /// page-aligned lists of cloneable memory. The result unmaps on drop.
 pub fn floor_map(iovs: &[libc::iovec]) -> io::Result<Mapping> {
-    let mut out = std::ptr::null_mut();
-    let mut len = 0;
-    // SAFETY: as for `naive_map`: the C code reads the slice, writes only `out`/`len`,
-    // and maps only where the kernel chooses or into the reservation it creates.
-    let r = unsafe { iovmap_floor_map(iovs.as_ptr(), iovs.len(), &mut out, &mut len) };
-    if r < 0 {
-        return Err(io::Error::from_raw_os_error(-r));
-    }
-    // SAFETY: the C code returned a mapping of `len` bytes that nothing else owns.
-    Ok(unsafe { Mapping::from_raw(out.cast(), len) })
+    c_map(iovmap_floor_map, iovs)
 }
 
 /// The fd arena: reserve, then `mmap(MAP_SHARED | MAP_FIXED)` of `fd` for each piece,
