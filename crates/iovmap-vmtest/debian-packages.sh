@@ -43,14 +43,23 @@ deb_apt() {
     -o Dir::Cache="$dir/cache" -o Dir::State::status=/dev/null
     -o APT::Architectures::=amd64 -o APT::Architectures::=arm64 -o Debug::NoLocking=1)
   local stamp="$dir/updated"
-  if [ ! -e "$stamp" ] || [ -n "$(find "$stamp" -mmin +$((IOVMAP_APT_MAX_AGE_H * 60)) 2>/dev/null)" ]; then
+  deb_apt_stale "$stamp" || return 0
+  # One update at a time per suite (rows run in parallel; apt's own locking is off).
+  (
+    flock 9 || exit 1
+    deb_apt_stale "$stamp" || exit 0
     deb_log "apt-get update ($suite)"
     if ! timeout -k 5 600 apt-get "${DEB_APT[@]}" update -qq >"$dir/update.log" 2>&1; then
       deb_log "apt-get update of suite $suite failed: $(tail -3 "$dir/update.log" | tr '\n' ' ')"
-      return 1
+      exit 1
     fi
     touch "$stamp"
-  fi
+  ) 9>"$dir/.lock"
+}
+
+# deb_apt_stale STAMP: whether a suite's lists are missing or older than the maximum age.
+deb_apt_stale() {
+  [ ! -e "$1" ] || [ -n "$(find "$1" -mmin +$((IOVMAP_APT_MAX_AGE_H * 60)) 2>/dev/null)" ]
 }
 
 # deb_field SUITE PKG[:ARCH] FIELD: a field of the candidate version's record.
@@ -69,24 +78,37 @@ deb_fetch() {
   [ -n "$file" ] || { deb_log "no package $spec in $suite"; return 1; }
   local out="$IOVMAP_CACHE/debs/$(basename "$file")"
   if [ ! -s "$out" ]; then
-    mkdir -p "$IOVMAP_CACHE/debs/tmp.$$" || return 1
+    # A download directory of this shell's own: the matrix's rows are subshells of one
+    # script (one $$) and may fetch the same package at once. The rename is atomic: a
+    # reader sees no file or all of it.
+    local tmp="$IOVMAP_CACHE/debs/tmp.$BASHPID"
+    rm -rf "$tmp" && mkdir -p "$tmp" || return 1
     deb_log "downloading $(basename "$file")"
-    if ! (cd "$IOVMAP_CACHE/debs/tmp.$$" && timeout -k 5 900 apt-get "${DEB_APT[@]}" download -qq "$spec" >/dev/null 2>&1); then
-      rm -rf "$IOVMAP_CACHE/debs/tmp.$$"
+    if ! (cd "$tmp" && timeout -k 5 900 apt-get "${DEB_APT[@]}" download -qq "$spec" >/dev/null 2>&1); then
+      rm -rf "$tmp"
       deb_log "apt-get download $spec ($suite) failed"
       return 1
     fi
-    mv "$IOVMAP_CACHE/debs/tmp.$$"/*.deb "$out" && rm -rf "$IOVMAP_CACHE/debs/tmp.$$" || return 1
+    mv "$tmp"/*.deb "$out" && rm -rf "$tmp" || return 1
   fi
   echo "$out"
 }
 
 # deb_unpack DEB DIR: extracts DEB into DIR once (a stamp per package marks it done).
+# Rows of the matrix unpack the same package into the same directory at once on a cold
+# cache: one extracts under DIR's lock while the others wait for it, and the stamp, made
+# last, is what lets a reader through without the lock. (Without the lock a second
+# dpkg-deb replaced files the first row was already copying: a truncated busybox, and a
+# guest whose /init failed with EIO.)
 deb_unpack() {
   local deb=$1 dir=$2 stamp
   stamp="$dir/.unpacked.$(basename "$1")"
   [ -e "$stamp" ] && return 0
-  mkdir -p "$dir" && dpkg-deb -x "$deb" "$dir" && touch "$stamp"
+  mkdir -p "$dir" || return 1
+  (
+    flock 9 || exit 1
+    [ -e "$stamp" ] || { dpkg-deb -x "$deb" "$dir" && touch "$stamp"; }
+  ) 9>"$dir/.lock"
 }
 
 # deb_kernel SUITE ARCH FLAVOUR: fetches and unpacks the kernel linux-image-FLAVOUR depends
