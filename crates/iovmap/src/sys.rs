@@ -381,16 +381,8 @@ pub(crate) unsafe fn protect(addr: NonNull<u8>, len: usize, prot: libc::c_int) -
 /// on memory that tracks dirty pages (not shmem or hugetlbfs) the first write to each
 /// still takes a minor fault.
 pub(crate) fn populate(addr: NonNull<u8>, len: usize, write: bool) -> io::Result<()> {
-    inject(Operation::Populate, span(addr, len))?;
     let advice = if write { libc::MADV_POPULATE_WRITE } else { libc::MADV_POPULATE_READ };
-    match madvise_populate(addr.as_ptr(), len, advice) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !populate_advice_exists() => {
-            log::debug!("iovmap: no MADV_POPULATE_* (Linux before 5.14): prefaulting by reads");
-            inject(Operation::Populate, span(addr, len))?;
-            prefault_by_reading(addr, len)
-        }
-        other => other,
-    }
+    prefault(addr, len, advice, Operation::Populate, span(addr, len))
 }
 
 /// Faults in `[addr, addr + len)` of a source mapping registered with a userfaultfd
@@ -398,10 +390,28 @@ pub(crate) fn populate(addr: NonNull<u8>, len: usize, write: bool) -> io::Result
 /// prefaulting as [`populate`], read-only, through the registered mapping itself. Blocks
 /// until the monitor has resolved every fault. Touches no mapping and changes no bytes.
 pub(crate) fn fault_in_armed(addr: usize, len: usize) -> io::Result<()> {
-    inject(Operation::FaultInArmed, NOWHERE)?;
     let at = NonNull::new(addr as *mut u8).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
-    match madvise_populate(at.as_ptr(), len, libc::MADV_POPULATE_READ) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !populate_advice_exists() => prefault_by_reading(at, len),
+    // Not our mapping: an injected failure must not touch it (`NOWHERE`).
+    prefault(at, len, libc::MADV_POPULATE_READ, Operation::FaultInArmed, NOWHERE)
+}
+
+/// `madvise(advice)` over `[addr, addr + len)`, or, before 5.14, one-byte reads of each
+/// page (`prefault_by_reading`); `op` and `range` are what fault injection sees, before
+/// each of the two.
+fn prefault(
+    addr: NonNull<u8>,
+    len: usize,
+    advice: libc::c_int,
+    op: Operation,
+    range: std::ops::Range<usize>,
+) -> io::Result<()> {
+    inject(op, range.clone())?;
+    match madvise_populate(addr.as_ptr(), len, advice) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !populate_advice_exists() => {
+            log::debug!("iovmap: no MADV_POPULATE_* (Linux before 5.14): prefaulting by reads");
+            inject(op, range)?;
+            prefault_by_reading(addr, len)
+        }
         other => other,
     }
 }
