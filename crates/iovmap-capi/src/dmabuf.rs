@@ -294,11 +294,7 @@ pub unsafe extern "C" fn iovmap_dmabuf_exporter(fd: c_int, buf: *mut std::ffi::c
         }
         // SAFETY: the caller keeps the fd open during the call (contract).
         let fd = unsafe { crate::open_fd(F, fd) }?;
-        let name = iovmap_core::dmabuf_exporter(fd).map_err(|e| Failure {
-            code: IovmapCode::IOVMAP_E_OS,
-            message: format!("{F}: {e}"),
-            index: None,
-        })?;
+        let name = iovmap_core::dmabuf_exporter(fd).map_err(|e| Failure::os(F, e))?;
         let n = name.len().min(size - 1);
         // SAFETY: `buf` has `size` writable bytes (contract) and `n + 1 <= size`.
         unsafe {

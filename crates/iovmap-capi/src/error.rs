@@ -129,6 +129,12 @@ impl Failure {
     pub(crate) fn argument(function: &str, what: impl std::fmt::Display) -> Self {
         Failure { code: IOVMAP_E_INVALID_ARGUMENT, message: format!("{function}: {what}"), index: None }
     }
+
+    /// A system call of `function` that failed outside iovmap's map path (the message
+    /// says which, and its errno).
+    pub(crate) fn os(function: &str, what: impl std::fmt::Display) -> Self {
+        Failure { code: IOVMAP_E_OS, message: format!("{function}: {what}"), index: None }
+    }
 }
 
 impl From<Error> for Failure {

@@ -32,11 +32,7 @@ fn modes_of(function: &str, modes: c_uint) -> Result<Modes, Failure> {
 
 /// The failure of a userfaultfd ioctl.
 fn ioctl_failure(function: &str, op: &str, addr: *const c_void, len: usize, e: std::io::Error) -> Failure {
-    Failure {
-        code: crate::error::IovmapCode::IOVMAP_E_OS,
-        message: format!("{function}: {op} of [{addr:p}, +{len:#x}) failed: {e}"),
-        index: None,
-    }
+    Failure::os(function, format!("{op} of [{addr:p}, +{len:#x}) failed: {e}"))
 }
 
 /// Registers the `len` bytes at `addr` with the userfaultfd `uffd` in `modes`
