@@ -40,15 +40,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Reads one byte of every page of `[p, p + len)`: the first touch a consumer makes.
-fn touch(p: *const u8, len: usize, page: usize) -> u64 {
-    let mut sum = 0u64;
-    let mut off = 0;
-    while off < len {
-        // SAFETY: callers pass the range of a live view or mapping.
-        sum = sum.wrapping_add(u64::from(unsafe { p.add(off).read_volatile() }));
-        off += page;
-    }
-    sum
+fn touch(p: *const u8, len: usize) -> u64 {
+    // SAFETY: callers pass the range of a live view or mapping.
+    unsafe { kit::touch_pages(p, len) }
 }
 
 /// The peers a table compares, in its column order.
@@ -91,7 +85,7 @@ fn small(rounds: usize) {
         for n in [1usize, 4, 16] {
             let list = workloads::page_iovecs(s.ram.ptr(), &workloads::scattered(n, 3), s.page);
             let inner = (2000 / n).max(50);
-            let read = |p: *const u8, len: usize| if touched { black_box(touch(p, len, s.page)) } else { 0 };
+            let read = |p: *const u8, len: usize| if touched { black_box(touch(p, len)) } else { 0 };
             let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
             for _ in 0..rounds {
                 for (k, peer) in t.iter_mut().enumerate() {
@@ -223,7 +217,7 @@ fn large(rounds: usize, ram_mib: usize) {
                     Built::Naive(m) => (m.ptr().cast_const(), m.len()),
                 };
                 let build = start.elapsed();
-                black_box(touch(ptr, len, s.page));
+                black_box(touch(ptr, len));
                 let touched = start.elapsed();
                 let start = Instant::now();
                 drop(built);
@@ -277,7 +271,7 @@ fn crossover(rounds: usize) {
     let remap = MapOptions::new().remap_only();
     let cycle = |list: &[libc::iovec], opts: MapOptions| {
         let v = s.remapper.map_with(list, opts).unwrap();
-        black_box(touch(v.as_ptr(), v.len(), s.page));
+        black_box(touch(v.as_ptr(), v.len()));
     };
     let measure = |list: &[libc::iovec], inner: usize| {
         let mut t = [Vec::new(), Vec::new()];

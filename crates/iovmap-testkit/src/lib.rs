@@ -73,6 +73,23 @@ pub fn errno_of(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
     None
 }
 
+/// Reads one byte of every page of `[p, p + len)`, the first touch a consumer makes of a
+/// view, and returns their sum (for `black_box`, so the reads are not optimised away).
+///
+/// ```
+/// let page = iovmap_testkit::page();
+/// let buf = vec![1u8; 3 * page];
+/// // SAFETY: `buf` is live and readable.
+/// assert_eq!(unsafe { iovmap_testkit::touch_pages(buf.as_ptr(), buf.len()) }, 3);
+/// ```
+///
+/// # Safety
+/// `[p, p + len)` must be readable memory (a live view or mapping) for the whole call.
+pub unsafe fn touch_pages(p: *const u8, len: usize) -> u64 {
+    // SAFETY: every offset is below `len` (caller's contract).
+    (0..len).step_by(page()).map(|o| u64::from(unsafe { p.add(o).read_volatile() })).sum()
+}
+
 /// An iovec of `len` bytes at `ptr`.
 pub fn iov(ptr: *const u8, len: usize) -> libc::iovec {
     libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len }
