@@ -286,17 +286,24 @@ vm_modules() {
   done
 }
 
+# vm_busybox DEBARCH ROOTFS: Debian's static busybox for DEBARCH (amd64, arm64), fetched
+# and unpacked into the cache once, copied to ROOTFS/bin/busybox.
+vm_busybox() {
+  local arch=$1 r=$2 deb f
+  deb=$(deb_fetch "$VM_BUSYBOX_SUITE" busybox-static "$arch") || { VM_WHY="cannot fetch busybox-static ($arch)"; return 1; }
+  deb_unpack "$deb" "$IOVMAP_CACHE/busybox-$arch" || { VM_WHY="cannot unpack $deb"; return 1; }
+  # /bin/busybox, or /usr/bin/busybox in a merged-/usr package.
+  f=$(find "$IOVMAP_CACHE/busybox-$arch" -type f -path '*bin/busybox' | head -1)
+  [ -n "$f" ] && cp "$f" "$r/bin/busybox" || { VM_WHY="no bin/busybox in $deb"; return 1; }
+}
+
 vm_initramfs() {
-  local row=$1 dir=$2 r m f deb bins suite
+  local row=$1 dir=$2 r m f bins suite
   vm_row "$row"
   r=$dir/rootfs
   rm -rf "$r"
   mkdir -p "$r"/{bin,dev,proc,sys,tmp,lib/modules,suite}
-  deb=$(deb_fetch "$VM_BUSYBOX_SUITE" busybox-static "$ROW_DEBARCH") || { VM_WHY="cannot fetch busybox-static ($ROW_DEBARCH)"; return 1; }
-  deb_unpack "$deb" "$IOVMAP_CACHE/busybox-$ROW_DEBARCH" || { VM_WHY="cannot unpack $deb"; return 1; }
-  # /bin/busybox, or /usr/bin/busybox in a merged-/usr package.
-  f=$(find "$IOVMAP_CACHE/busybox-$ROW_DEBARCH" -type f -path '*bin/busybox' | head -1)
-  [ -n "$f" ] && cp "$f" "$r/bin/busybox" || { VM_WHY="no bin/busybox in $deb"; return 1; }
+  vm_busybox "$ROW_DEBARCH" "$r" || return 1
   # The applet list of a foreign-arch busybox cannot be asked for: link the ones /init uses.
   for m in sh cat cut echo ls mount mkdir poweroff readlink basename sed sync uname find tr insmod sleep grep head; do
     ln -sf busybox "$r/bin/$m"

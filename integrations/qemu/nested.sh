@@ -73,14 +73,11 @@ gcc -std=c11 -O2 -Wall -Wextra -Werror -static -o "$W/gpu-qtest" "$QHERE/gpu-qte
 # initramfs ROW DIR: busybox, the vfio modules (and udmabuf where it is one), both QEMUs
 # (stripped) with their shared libraries and the firmware they open, gpu-qtest, /init.
 initramfs() {
-  local row=$1 dir=$2 r f deb m so
+  local row=$1 dir=$2 r m so
   r=$dir/rootfs
   rm -rf "$r"
   mkdir -p "$r"/{bin,dev,proc,sys,tmp,lib/modules,lib64,lib/x86_64-linux-gnu,opt/iovmap/lib,usr/share/seabios,usr/share/qemu}
-  deb=$(deb_fetch "$VM_BUSYBOX_SUITE" busybox-static amd64) || { VM_WHY="cannot fetch busybox-static"; return 1; }
-  deb_unpack "$deb" "$IOVMAP_CACHE/busybox-amd64" || { VM_WHY="cannot unpack $deb"; return 1; }
-  f=$(find "$IOVMAP_CACHE/busybox-amd64" -type f -path '*bin/busybox' | head -1)
-  cp "$f" "$r/bin/busybox" || { VM_WHY="no busybox"; return 1; }
+  vm_busybox amd64 "$r" || return 1
   for m in $("$r/bin/busybox" --list); do [ "$m" = busybox ] || ln -sf busybox "$r/bin/$m"; done
   ln -s bin "$r/sbin"
   vm_modules "$dir" "$r" || return 1
